@@ -1,0 +1,68 @@
+//! Messages between node agents and gateways: the capacity report an agent serves at
+//! `GET /v1/capacity` and pushes to every gateway it knows (`POST /v1/internal/reports`), and the
+//! node view the gateway serves at `GET /v1/nodes`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::api::ImageState;
+
+/// What one language looks like on one node.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LanguageCapacity {
+    pub image: ImageState,
+    /// Ready warm sandboxes for this language (recycled and fresh).
+    pub warm: u32,
+    /// Version read from the image; empty until the image is ready.
+    pub version: String,
+    pub aliases: Vec<String>,
+    pub compiled: bool,
+    pub file_name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// An agent's report of itself. The first one a gateway receives registers the node.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CapacityReport {
+    pub node_id: String,
+    /// Base URL at which gateways reach this agent, e.g. `http://127.0.0.1:7001`.
+    pub address: String,
+    pub slots_total: u32,
+    pub slots_busy: u32,
+    /// Jobs waiting for a slot on the agent.
+    #[serde(default)]
+    pub queued: u32,
+    pub draining: bool,
+    pub languages: BTreeMap<String, LanguageCapacity>,
+    #[serde(default)]
+    pub sessions: u32,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    Ready,
+    Draining,
+    Down,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NodeLanguage {
+    pub image: ImageState,
+    pub warm: u32,
+}
+
+/// One entry of the gateway's `GET /v1/nodes`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NodeInfo {
+    pub id: String,
+    pub address: String,
+    pub state: NodeState,
+    pub slots_total: u32,
+    pub slots_busy: u32,
+    /// Fraction of the ring's keys this node owns (0..1).
+    pub ring_share: f64,
+    pub languages: BTreeMap<String, NodeLanguage>,
+}

@@ -1,0 +1,16 @@
+//! Wire types spoken by codefleet: the public HTTP contract (`api`), its errors (`problem`), the
+//! input rules both the gateway and the agents enforce (`validate`), the cluster messages between
+//! gateway and agents (`cluster`) and the framed protocol between an agent and the supervisor
+//! inside each sandbox (`sandbox`).
+//!
+//! This crate has no async, HTTP or Docker dependencies: it is plain data and pure functions.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod cluster;
+pub mod problem;
+pub mod sandbox;
+pub mod validate;
+
+pub use api::*;
+pub use problem::{ErrorCode, Problem};

@@ -1,0 +1,140 @@
+//! The protocol between a node agent and the supervisor that runs as PID 1 in every sandbox.
+//!
+//! The channel is the container's attached stdin (agent → supervisor) and stdout (supervisor →
+//! agent), set up once when the container starts. Each message is one JSON object on one line
+//! (newline-delimited JSON): serde_json never writes a raw newline inside a value, so a line is a
+//! frame however Docker splits or merges the bytes on the way. The supervisor speaks first with
+//! `Hello`, which names the protocol version; an agent that does not know that version discards
+//! the container. Messages carry a `type` tag, so new kinds (streamed output, for one) can be
+//! added without breaking the ones here.
+
+use serde::{Deserialize, Serialize};
+
+use crate::api::StageResult;
+
+/// Version of this protocol. Bumped on any incompatible change.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Agent → supervisor.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Command {
+    /// Run a job: write its files, then run its stages in order, stopping at the first that fails.
+    Job(Job),
+    /// Make the sandbox as if no job had run; answered by `Ready` or `ResetFailed`.
+    Reset,
+    /// Answered by `Pong`; a liveness check.
+    Ping,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Job {
+    pub id: String,
+    /// The unprivileged user and group the job's processes run as.
+    pub uid: u32,
+    pub gid: u32,
+    /// Files to write below the work dir, relative paths already validated.
+    pub files: Vec<SandboxFile>,
+    pub stages: Vec<Stage>,
+    /// Environment of every stage (the supervisor adds nothing else but `HOME` and `PATH`
+    /// defaults when they are absent).
+    pub env: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SandboxFile {
+    pub name: String,
+    /// Standard base64 of the content.
+    pub content_b64: String,
+    #[serde(default)]
+    pub executable: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Stage {
+    /// `compile` or `run`; echoed back in the result.
+    pub name: String,
+    pub argv: Vec<String>,
+    #[serde(default)]
+    pub stdin: String,
+    pub wall_time_ms: u64,
+    pub cpu_time_ms: u64,
+    /// The sandbox's memory limit as the agent configured the container; the supervisor uses it
+    /// only to tell a memory kill from other kills when the cgroup cannot say.
+    pub memory_bytes: u64,
+    pub processes: u64,
+    pub output_bytes: u64,
+    pub file_size_bytes: u64,
+    pub open_files: u64,
+}
+
+/// Supervisor → agent.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    /// First message after start.
+    Hello {
+        version: u32,
+        /// `v1`, `v2` or `none`: which cgroup files the supervisor reads.
+        cgroup: String,
+    },
+    /// A job's outcome; one result per stage that ran.
+    Result { id: String, stages: Vec<StageOutcome> },
+    /// The job could not be run at all (the sandbox is broken, not the program).
+    JobFailed { id: String, message: String },
+    /// The sandbox is clean again and may take another job.
+    Ready,
+    /// Resetting failed or found something it could not remove: discard this sandbox.
+    ResetFailed { message: String },
+    Pong,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StageOutcome {
+    pub name: String,
+    pub result: StageResult,
+    /// Milliseconds past the wall limit at which the kill landed, when the stage timed out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kill_overshoot_ms: Option<f64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_are_single_lines() {
+        let job = Command::Job(Job {
+            id: "j".into(),
+            uid: 1,
+            gid: 1,
+            files: vec![SandboxFile {
+                name: "a".into(),
+                content_b64: "YQo=".into(),
+                executable: false,
+            }],
+            stages: vec![Stage {
+                name: "run".into(),
+                argv: vec!["echo".into(), "a\nb".into()],
+                stdin: "x\ny\n".into(),
+                wall_time_ms: 1,
+                cpu_time_ms: 1,
+                memory_bytes: 1,
+                processes: 1,
+                output_bytes: 1,
+                file_size_bytes: 1,
+                open_files: 1,
+            }],
+            env: vec![("A".into(), "b\nc".into())],
+        });
+        let line = serde_json::to_string(&job).unwrap();
+        assert!(!line.contains('\n'));
+        assert_eq!(serde_json::from_str::<Command>(&line).unwrap(), job);
+        let hello = serde_json::to_string(&Event::Hello {
+            version: PROTOCOL_VERSION,
+            cgroup: "v1".into(),
+        })
+        .unwrap();
+        assert_eq!(hello, r#"{"type":"hello","version":1,"cgroup":"v1"}"#);
+    }
+}

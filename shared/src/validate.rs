@@ -1,0 +1,340 @@
+//! The input rules of api.md that need no catalog: file names and contents, the source/files
+//! choice, and limits against a configured maximum. Pure functions, shared by gateway and agent so
+//! both reject the same requests before anything runs.
+
+use base64::Engine as _;
+
+use crate::api::{Encoding, FileSpec, Limits, ResolvedLimits};
+use crate::problem::{ErrorCode, Problem};
+
+/// At most this many files per job.
+pub const MAX_FILES: usize = 64;
+/// At most this many bytes in one file name (the whole relative path).
+pub const MAX_FILE_NAME: usize = 255;
+/// At most this many path segments in one file name.
+pub const MAX_FILE_DEPTH: usize = 8;
+
+/// A file ready to be written into the sandbox's work dir.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobFile {
+    pub name: String,
+    pub content: Vec<u8>,
+}
+
+/// Checks one file name: a relative path of `[A-Za-z0-9._-]` segments, no `.`/`..` segment.
+pub fn check_file_name(name: &str) -> Result<(), Problem> {
+    let bad = |why: &str| {
+        Err(Problem::new(
+            ErrorCode::InvalidFileName,
+            format!("file name {name:?} {why}"),
+        ))
+    };
+    if name.is_empty() {
+        return bad("is empty");
+    }
+    if name.len() > MAX_FILE_NAME {
+        return bad(&format!("is longer than {MAX_FILE_NAME} bytes"));
+    }
+    if name.starts_with('/') {
+        return bad("is absolute");
+    }
+    let segments: Vec<&str> = name.split('/').collect();
+    if segments.len() > MAX_FILE_DEPTH {
+        return bad(&format!("has more than {MAX_FILE_DEPTH} path segments"));
+    }
+    for segment in segments {
+        if segment.is_empty() {
+            return bad("has an empty path segment");
+        }
+        if segment == "." || segment == ".." {
+            return bad("has a '.' or '..' segment");
+        }
+        if let Some(c) = segment
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+        {
+            return bad(&format!(
+                "contains {c:?}; allowed are A-Z a-z 0-9 . _ - and / between segments"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Turns `source` or `files` into the job's files. `default_name` names a lone `source`.
+pub fn job_files(
+    source: Option<&str>,
+    files: Option<&[FileSpec]>,
+    default_name: &str,
+) -> Result<Vec<JobFile>, Problem> {
+    match (source, files) {
+        (Some(_), Some(_)) => Err(Problem::new(
+            ErrorCode::InvalidRequest,
+            "give either `source` or `files`, not both",
+        )),
+        (None, None) => Err(Problem::new(
+            ErrorCode::InvalidRequest,
+            "one of `source` or `files` is required",
+        )),
+        (Some(source), None) => Ok(vec![JobFile {
+            name: default_name.to_string(),
+            content: source.as_bytes().to_vec(),
+        }]),
+        (None, Some([])) => Err(Problem::new(
+            ErrorCode::InvalidRequest,
+            "`files` must hold at least one file",
+        )),
+        (None, Some(files)) if files.len() > MAX_FILES => Err(Problem::new(
+            ErrorCode::InvalidFileName,
+            format!("{} files; at most {MAX_FILES} are allowed", files.len()),
+        )),
+        (None, Some(files)) => {
+            let mut out: Vec<JobFile> = Vec::with_capacity(files.len());
+            for file in files {
+                check_file_name(&file.name)?;
+                if out.iter().any(|f| f.name == file.name) {
+                    return Err(Problem::new(
+                        ErrorCode::InvalidFileName,
+                        format!("file name {:?} appears twice", file.name),
+                    ));
+                }
+                let content = match file.encoding {
+                    Encoding::Utf8 => file.content.as_bytes().to_vec(),
+                    Encoding::Base64 => base64::engine::general_purpose::STANDARD
+                        .decode(file.content.as_bytes())
+                        .map_err(|e| {
+                            Problem::new(
+                                ErrorCode::InvalidRequest,
+                                format!("file {:?} is not valid base64: {e}", file.name),
+                            )
+                        })?,
+                };
+                out.push(JobFile {
+                    name: file.name.clone(),
+                    content,
+                });
+            }
+            // A file may not also be a directory of another file (`a` and `a/b`).
+            for f in &out {
+                let prefix = format!("{}/", f.name);
+                if out.iter().any(|g| g.name.starts_with(&prefix)) {
+                    return Err(Problem::new(
+                        ErrorCode::InvalidFileName,
+                        format!("file name {:?} is also used as a directory", f.name),
+                    ));
+                }
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// Fills missing limits from `defaults` and rejects any value above `max`, or zero.
+pub fn resolve_limits(
+    asked: Option<&Limits>,
+    defaults: &ResolvedLimits,
+    max: &ResolvedLimits,
+) -> Result<ResolvedLimits, Problem> {
+    let asked = asked.copied().unwrap_or_default();
+    let pick = |name: &str, v: Option<u64>, d: u64, m: u64| -> Result<u64, Problem> {
+        match v {
+            None => Ok(d.min(m)),
+            Some(0) => Err(Problem::new(
+                ErrorCode::InvalidRequest,
+                format!("limits.{name} must be positive"),
+            )),
+            Some(v) if v > m => Err(Problem::new(
+                ErrorCode::LimitExceedsMax,
+                format!("limits.{name} = {v} is above the maximum of {m}"),
+            )),
+            Some(v) => Ok(v),
+        }
+    };
+    Ok(ResolvedLimits {
+        wall_time_ms: pick(
+            "wall_time_ms",
+            asked.wall_time_ms,
+            defaults.wall_time_ms,
+            max.wall_time_ms,
+        )?,
+        cpu_time_ms: pick(
+            "cpu_time_ms",
+            asked.cpu_time_ms,
+            defaults.cpu_time_ms,
+            max.cpu_time_ms,
+        )?,
+        compile_wall_time_ms: pick(
+            "compile_wall_time_ms",
+            asked.compile_wall_time_ms,
+            defaults.compile_wall_time_ms,
+            max.compile_wall_time_ms,
+        )?,
+        memory_bytes: pick(
+            "memory_bytes",
+            asked.memory_bytes,
+            defaults.memory_bytes,
+            max.memory_bytes,
+        )?,
+        processes: pick(
+            "processes",
+            asked.processes,
+            defaults.processes,
+            max.processes,
+        )?,
+        output_bytes: pick(
+            "output_bytes",
+            asked.output_bytes,
+            defaults.output_bytes,
+            max.output_bytes,
+        )?,
+        file_size_bytes: pick(
+            "file_size_bytes",
+            asked.file_size_bytes,
+            defaults.file_size_bytes,
+            max.file_size_bytes,
+        )?,
+    })
+}
+
+/// Depth of nesting of a JSON text (arrays and objects), counted without parsing it, so a
+/// deeply nested body is rejected before serde recurses into it.
+pub fn json_depth(body: &[u8]) -> usize {
+    let (mut depth, mut max, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for &b in body {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(name: &str) -> FileSpec {
+        FileSpec {
+            name: name.to_string(),
+            content: "x".to_string(),
+            encoding: Encoding::Utf8,
+        }
+    }
+
+    #[test]
+    fn file_name_rules() {
+        let table: &[(&str, bool)] = &[
+            ("main.py", true),
+            ("src/lib/util.rs", true),
+            ("A-b_c.9", true),
+            ("", false),
+            ("/etc/passwd", false),
+            ("../x", false),
+            ("a/../b", false),
+            ("./a", false),
+            ("a//b", false),
+            ("a/", false),
+            ("nul\0byte", false),
+            ("space name", false),
+            ("ünï", false),
+            ("a\\b", false),
+        ];
+        for (name, ok) in table {
+            assert_eq!(check_file_name(name).is_ok(), *ok, "{name:?}");
+            if !ok {
+                assert_eq!(
+                    check_file_name(name).unwrap_err().code,
+                    ErrorCode::InvalidFileName
+                );
+            }
+        }
+        assert!(check_file_name(&"a".repeat(256)).is_err());
+        assert!(check_file_name(&["a"; 9].join("/")).is_err());
+    }
+
+    #[test]
+    fn source_xor_files() {
+        let both = job_files(Some("x"), Some(&[file("a")]), "main.py");
+        assert_eq!(both.unwrap_err().code, ErrorCode::InvalidRequest);
+        let neither = job_files(None, None, "main.py");
+        assert_eq!(neither.unwrap_err().code, ErrorCode::InvalidRequest);
+        let source = job_files(Some("print(1)"), None, "main.py").unwrap();
+        assert_eq!(source[0].name, "main.py");
+        let dup = job_files(None, Some(&[file("a"), file("a")]), "x");
+        assert_eq!(dup.unwrap_err().code, ErrorCode::InvalidFileName);
+        let dir_clash = job_files(None, Some(&[file("a"), file("a/b")]), "x");
+        assert_eq!(dir_clash.unwrap_err().code, ErrorCode::InvalidFileName);
+    }
+
+    #[test]
+    fn base64_files_decode() {
+        let f = FileSpec {
+            name: "data.bin".into(),
+            content: "AAEC/w==".into(),
+            encoding: Encoding::Base64,
+        };
+        let out = job_files(None, Some(&[f]), "x").unwrap();
+        assert_eq!(out[0].content, vec![0, 1, 2, 255]);
+        let bad = FileSpec {
+            name: "d".into(),
+            content: "!!".into(),
+            encoding: Encoding::Base64,
+        };
+        assert_eq!(
+            job_files(None, Some(&[bad]), "x").unwrap_err().code,
+            ErrorCode::InvalidRequest
+        );
+    }
+
+    #[test]
+    fn limits_default_and_max() {
+        let d = ResolvedLimits::DEFAULT;
+        let m = ResolvedLimits::MAX;
+        assert_eq!(resolve_limits(None, &d, &m).unwrap(), d);
+        let asked = Limits {
+            wall_time_ms: Some(100),
+            ..Limits::default()
+        };
+        assert_eq!(
+            resolve_limits(Some(&asked), &d, &m).unwrap().wall_time_ms,
+            100
+        );
+        let too_much = Limits {
+            memory_bytes: Some(m.memory_bytes + 1),
+            ..Limits::default()
+        };
+        let err = resolve_limits(Some(&too_much), &d, &m).unwrap_err();
+        assert_eq!(err.code, ErrorCode::LimitExceedsMax);
+        assert!(err.detail.contains(&m.memory_bytes.to_string()));
+        let zero = Limits {
+            processes: Some(0),
+            ..Limits::default()
+        };
+        assert_eq!(
+            resolve_limits(Some(&zero), &d, &m).unwrap_err().code,
+            ErrorCode::InvalidRequest
+        );
+    }
+
+    #[test]
+    fn json_depth_counts_nesting_outside_strings() {
+        assert_eq!(json_depth(br#"{"a":[1,{"b":2}]}"#), 3);
+        assert_eq!(json_depth(br#"{"a":"[[[[{{{"}"#), 1);
+        assert_eq!(json_depth(br#"{"a":"\"[[["}"#), 1);
+        assert_eq!(json_depth(&b"[".repeat(1000)), 1000);
+    }
+}
