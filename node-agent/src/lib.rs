@@ -1,0 +1,207 @@
+//! codefleet node agent: owns one Docker engine, prepares language images, keeps warm sandboxes
+//! and sessions, runs jobs with limits, and reports its capacity to gateways.
+//!
+//! Layout: `config` (flags), `catalog` (languages), `images` (recipes and tags), `docker` (the
+//! only module that talks to Docker), `sandbox` (one container and its supervisor channel),
+//! `pool` (warm sandboxes and their sizing policy), `agent` (state and the job path),
+//! `sessions`, `http` (the API), `report` (capacity reports), `telemetry`.
+#![forbid(unsafe_code)]
+
+pub mod agent;
+pub mod catalog;
+pub mod config;
+pub mod docker;
+pub mod http;
+pub mod images;
+pub mod pool;
+pub mod report;
+pub mod sandbox;
+pub mod sessions;
+pub mod telemetry;
+
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+
+pub use crate::agent::Agent;
+pub use crate::config::Config;
+
+use crate::catalog::Catalog;
+use crate::docker::Docker;
+use crate::sandbox::Reaper;
+
+/// Builds the agent from its configuration (without serving).
+pub fn build(config: Config) -> anyhow::Result<Arc<Agent>> {
+    let catalog = Catalog::load(config.languages.as_deref())
+        .and_then(|c| c.restrict(&config.enable))
+        .map_err(anyhow::Error::msg)
+        .context("loading the language catalog")?;
+    let supervisor = config.supervisor_path().context(
+        "the sandbox supervisor binary was not found: build it with deploy/build-supervisor.sh or pass --supervisor",
+    )?;
+    let docker = Docker::connect().context("connecting to Docker")?;
+    let (reaper, _) = Reaper::start(docker.clone());
+    Ok(Arc::new(Agent::new(
+        config,
+        catalog,
+        docker,
+        reaper,
+        supervisor.to_string_lossy().into_owned(),
+    )))
+}
+
+/// Serves the agent API on `listener` until `shutdown` resolves, then drains (in-flight jobs
+/// get the configured grace) and removes every container this node owns.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    telemetry::prometheus();
+    let agent = build(config)?;
+    run(agent, listener, shutdown).await
+}
+
+/// Serves an already built agent; see `serve`.
+pub async fn run(
+    agent: Arc<Agent>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let node = agent.node().to_string();
+    tracing::info!(%node, address = %listener.local_addr()?, "agent listening");
+    let tasks = vec![
+        tokio::spawn(startup(agent.clone())),
+        tokio::spawn(health_loop(agent.clone())),
+        tokio::spawn(agent.clone().refill_loop()),
+        tokio::spawn(agent.clone().expire_sessions_loop()),
+        tokio::spawn(report::report_loop(agent.clone())),
+    ];
+
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let draining = agent.clone();
+    let graceful = async move {
+        shutdown.await;
+        draining.draining.store(true, Ordering::SeqCst);
+        tracing::info!(node = %draining.node(), "shutting down: draining in-flight jobs");
+        let _ = stop_tx.send(true);
+    };
+    let app = http::router(agent.clone());
+    let server = axum::serve(listener, app).with_graceful_shutdown(graceful);
+    let grace = Duration::from_secs(agent.config.grace_s);
+    tokio::select! {
+        served = server => served.context("serving the agent API")?,
+        _ = async {
+            let _ = stop_rx.wait_for(|stopped| *stopped).await;
+            tokio::time::sleep(grace).await;
+        } => tracing::warn!(?grace, "grace period over; stopping with jobs still running"),
+    }
+    // Tell gateways we are going, then clean up everything this node owns.
+    if !agent.config.gateways.is_empty() {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(1))
+            .build()?;
+        report::report_once(&agent, &client).await;
+    }
+    for task in tasks {
+        task.abort();
+    }
+    cleanup(&agent).await;
+    tracing::info!(%node, "agent stopped");
+    Ok(())
+}
+
+/// Waits for Docker, removes what an earlier run of this node left behind, then prepares images.
+async fn startup(agent: Arc<Agent>) {
+    loop {
+        match agent.docker.ping().await {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, "docker unreachable; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+    agent.docker_ok.store(true, Ordering::SeqCst);
+    match remove_owned(&agent.docker, agent.node()).await {
+        Ok(0) => {}
+        Ok(n) => {
+            tracing::info!(node = %agent.node(), removed = n, "removed containers an earlier run left behind")
+        }
+        Err(e) => tracing::error!(error = %e, "could not list this node's old containers"),
+    }
+    agent.started.store(true, Ordering::SeqCst);
+    agent.prepare_all().await;
+}
+
+async fn health_loop(agent: Arc<Agent>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let ok = agent.docker.ping().await.is_ok();
+        if ok != agent.docker_ok.swap(ok, Ordering::SeqCst) {
+            tracing::warn!(reachable = ok, "docker reachability changed");
+        }
+    }
+}
+
+/// Removes every container labelled with `node`; returns how many there were.
+pub async fn remove_owned(docker: &Docker, node: &str) -> Result<usize, docker::DockerError> {
+    let ids = docker.list_owned(node).await?;
+    let removals = ids.iter().map(|id| docker.remove(id));
+    for r in futures_util::future::join_all(removals).await {
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "removing an owned container failed");
+        }
+    }
+    Ok(ids.len())
+}
+
+/// Drops pools and sessions and sweeps until no container of this node is left (a start that
+/// was under way may land a moment later, hence the repeat).
+async fn cleanup(agent: &Agent) {
+    drop(agent.pools.drain());
+    drop(agent.sessions.drain());
+    let mut quiet_rounds = 0;
+    for _ in 0..20 {
+        match remove_owned(&agent.docker, agent.node()).await {
+            Ok(0) => quiet_rounds += 1,
+            Ok(_) => quiet_rounds = 0,
+            Err(e) => tracing::warn!(error = %e, "cleanup sweep failed"),
+        }
+        if quiet_rounds >= 2 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// `--prepare-only`: finds or builds every language image and reads its version. Returns
+/// whether all are ready.
+pub async fn prepare_images(mut config: Config) -> anyhow::Result<bool> {
+    config.node_id = format!("prepare-{}", std::process::id());
+    let agent = build(config)?;
+    agent.docker.ping().await.context("Docker is unreachable")?;
+    agent.docker_ok.store(true, Ordering::SeqCst);
+    agent.started.store(true, Ordering::SeqCst);
+    agent.prepare_all().await;
+    let mut all = true;
+    for lang in agent.languages() {
+        let state = lang
+            .image
+            .map(|s| format!("{s:?}").to_lowercase())
+            .unwrap_or_default();
+        println!(
+            "{:<12} {:<10} {}",
+            lang.name,
+            state,
+            lang.error.as_deref().unwrap_or(&lang.version)
+        );
+        all &= lang.error.is_none();
+    }
+    cleanup(&agent).await;
+    Ok(all)
+}

@@ -119,7 +119,13 @@ impl Problem {
 
 impl std::fmt::Display for Problem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} ({}): {}", self.title, self.code.as_str(), self.detail)
+        write!(
+            f,
+            "{} ({}): {}",
+            self.title,
+            self.code.as_str(),
+            self.detail
+        )
     }
 }
 

@@ -79,13 +79,21 @@ pub enum Event {
         cgroup: String,
     },
     /// A job's outcome; one result per stage that ran.
-    Result { id: String, stages: Vec<StageOutcome> },
+    Result {
+        id: String,
+        stages: Vec<StageOutcome>,
+    },
     /// The job could not be run at all (the sandbox is broken, not the program).
-    JobFailed { id: String, message: String },
+    JobFailed {
+        id: String,
+        message: String,
+    },
     /// The sandbox is clean again and may take another job.
     Ready,
     /// Resetting failed or found something it could not remove: discard this sandbox.
-    ResetFailed { message: String },
+    ResetFailed {
+        message: String,
+    },
     Pong,
 }
 

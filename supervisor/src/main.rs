@@ -1,1 +1,96 @@
-fn main(){}
+//! codefleet-supervisor: PID 1 of every sandbox container.
+//!
+//! It reads commands from stdin and answers on stdout, one JSON object per line (see
+//! `codefleet_shared::sandbox`). A job's files are written and its stages run as the job user,
+//! and nothing of a stage outlives it. On `reset` (which the agent sends after answering its
+//! caller, never for a session) the sandbox is made clean: every other process killed, every
+//! writable mount emptied, System V IPC removed; `ready` follows, or `reset_failed` when anything
+//! is left over, in which case the agent discards the container. When stdin closes the agent is gone: the
+//! supervisor kills everything and exits, which ends the container.
+//!
+//! Built statically (`-C target-feature=+crt-static`) so it runs in any image, and mounted
+//! read-only into each container.
+
+mod cgroup;
+mod reset;
+mod run;
+mod sys;
+
+use std::io::{self, BufRead, Write};
+use std::time::Duration;
+
+use codefleet_shared::sandbox::{Command, Event, PROTOCOL_VERSION};
+
+fn send(out: &mut impl Write, event: &Event) -> io::Result<()> {
+    let mut line = serde_json::to_vec(event).expect("events always serialize");
+    line.push(b'\n');
+    out.write_all(&line)?;
+    out.flush()
+}
+
+fn main() {
+    sys::set_non_dumpable();
+    let cgroup = cgroup::Cgroup::detect();
+    let stdout = io::stdout();
+    let mut out = stdout.lock();
+    let hello = Event::Hello {
+        version: PROTOCOL_VERSION,
+        cgroup: cgroup.version.to_string(),
+    };
+    if send(&mut out, &hello).is_err() {
+        return;
+    }
+    let stdin = io::stdin();
+    let mut last_user = None;
+    for line in stdin.lock().lines() {
+        let Ok(line) = line else { break };
+        if line.trim().is_empty() {
+            continue;
+        }
+        let events = match serde_json::from_str::<Command>(&line) {
+            Ok(Command::Ping) => vec![Event::Pong],
+            Ok(Command::Reset) => vec![match last_user {
+                Some((uid, gid)) => reset_event(uid, gid),
+                None => Event::Ready,
+            }],
+            Ok(Command::Job(job)) => {
+                last_user = Some((job.uid, job.gid));
+                let result = match run::run_job(&job, &cgroup) {
+                    Ok(stages) => Event::Result {
+                        id: job.id.clone(),
+                        stages,
+                    },
+                    Err(message) => Event::JobFailed {
+                        id: job.id.clone(),
+                        message,
+                    },
+                };
+                // Answer first, so the reset is off the caller's path.
+                if send(&mut out, &result).is_err() {
+                    break;
+                }
+                continue;
+            }
+            Err(e) => vec![Event::ResetFailed {
+                message: format!("unreadable command: {e}"),
+            }],
+        };
+        for event in &events {
+            if send(&mut out, event).is_err() {
+                return shutdown();
+            }
+        }
+    }
+    shutdown();
+}
+
+fn reset_event(uid: u32, gid: u32) -> Event {
+    match reset::reset(uid, gid) {
+        Ok(()) => Event::Ready,
+        Err(message) => Event::ResetFailed { message },
+    }
+}
+
+fn shutdown() {
+    let _ = reset::kill_and_reap(Duration::from_secs(2));
+}

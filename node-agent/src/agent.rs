@@ -1,0 +1,800 @@
+//! The agent's state and its one job path: validate, take a slot, take a sandbox (warm, fresh
+//! or cold), run, answer, then reset the sandbox off the request path and pool it again.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use tokio::sync::{Notify, Semaphore};
+
+use codefleet_shared::cluster::{CapacityReport, LanguageCapacity};
+use codefleet_shared::sandbox::{Job, SandboxFile, Stage, StageOutcome};
+use codefleet_shared::validate::{job_files, resolve_limits, JobFile};
+use codefleet_shared::{
+    ErrorCode, ExecuteRequest, ExecuteResponse, ImageState, Isolation, LanguageInfo, LanguageRef,
+    Problem, ResolvedLimits, StageResult, Status, Timing,
+};
+
+use crate::catalog::{parse_version, Catalog, Language};
+use crate::config::Config;
+use crate::docker::{Docker, SandboxSpec};
+use crate::images::Recipe;
+use crate::pool::{PoolKey, Pools, Sizing, Source};
+use crate::sandbox::{Reaper, Sandbox, SandboxError};
+use crate::sessions::Sessions;
+
+/// Memory a sandbox gets above the job's limit, for the supervisor and the kernel's page cache.
+pub const SANDBOX_OVERHEAD_BYTES: u64 = 16 << 20;
+/// Open files per job process.
+const OPEN_FILES: u64 = 256;
+/// Added to a job's own time limits when waiting for its answer.
+const ANSWER_MARGIN: Duration = Duration::from_secs(10);
+/// Container starts under way at once (each costs the engine real CPU).
+const PARALLEL_STARTS: usize = 2;
+
+#[derive(Debug, Clone)]
+pub enum ImageStatus {
+    Preparing,
+    Ready { tag: String, version: String },
+    Failed(String),
+}
+
+impl ImageStatus {
+    pub fn state(&self) -> ImageState {
+        match self {
+            ImageStatus::Preparing => ImageState::Preparing,
+            ImageStatus::Ready { .. } => ImageState::Ready,
+            ImageStatus::Failed(_) => ImageState::Failed,
+        }
+    }
+}
+
+pub struct Agent {
+    pub config: Config,
+    pub catalog: Catalog,
+    pub docker: Docker,
+    pub reaper: Reaper,
+    pub supervisor: String,
+    pub images: RwLock<HashMap<String, ImageStatus>>,
+    pub pools: Pools,
+    pub sessions: Sessions,
+    slots: Arc<Semaphore>,
+    starts: Arc<Semaphore>,
+    pub busy: AtomicU32,
+    pub queued: AtomicU32,
+    pub draining: AtomicBool,
+    pub docker_ok: AtomicBool,
+    /// Set once the orphans of an earlier run are gone and the agent may create containers.
+    pub started: AtomicBool,
+    pub refill: Notify,
+}
+
+/// A slot held by one job; freed on drop.
+pub struct Slot {
+    agent: Arc<Agent>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.agent.busy.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A validated job, ready for a sandbox.
+pub struct Prepared {
+    pub language: Language,
+    pub version: String,
+    pub limits: ResolvedLimits,
+    pub job_files: Vec<JobFile>,
+    pub stdin: String,
+    pub args: Vec<String>,
+    pub isolation: Isolation,
+}
+
+impl Agent {
+    pub fn new(
+        config: Config,
+        catalog: Catalog,
+        docker: Docker,
+        reaper: Reaper,
+        supervisor: String,
+    ) -> Agent {
+        let images = catalog
+            .languages
+            .iter()
+            .map(|l| (l.name.clone(), ImageStatus::Preparing))
+            .collect();
+        let slots = Arc::new(Semaphore::new(config.slots as usize));
+        let max_sessions = config.max_sessions;
+        Agent {
+            config,
+            catalog,
+            docker,
+            reaper,
+            supervisor,
+            images: RwLock::new(images),
+            pools: Pools::default(),
+            sessions: Sessions::new(max_sessions),
+            slots,
+            starts: Arc::new(Semaphore::new(PARALLEL_STARTS)),
+            busy: AtomicU32::new(0),
+            queued: AtomicU32::new(0),
+            draining: AtomicBool::new(false),
+            docker_ok: AtomicBool::new(false),
+            started: AtomicBool::new(false),
+            refill: Notify::new(),
+        }
+    }
+
+    pub fn node(&self) -> &str {
+        &self.config.node_id
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.docker_ok.load(Ordering::SeqCst)
+            && self.started.load(Ordering::SeqCst)
+            && !self.draining.load(Ordering::SeqCst)
+    }
+
+    pub fn image_status(&self, language: &str) -> ImageStatus {
+        self.images
+            .read()
+            .expect("images lock")
+            .get(language)
+            .cloned()
+            .unwrap_or(ImageStatus::Failed("not in the catalog".into()))
+    }
+
+    pub fn set_image_status(&self, language: &str, status: ImageStatus) {
+        self.images
+            .write()
+            .expect("images lock")
+            .insert(language.to_string(), status);
+    }
+
+    /// Resolves `language` and `version` to a ready language, or the right problem.
+    pub fn resolve_language(
+        &self,
+        language: Option<&str>,
+        version: Option<&str>,
+    ) -> Result<(Language, String, String), Problem> {
+        let name = language
+            .filter(|l| !l.trim().is_empty())
+            .ok_or_else(|| Problem::new(ErrorCode::InvalidRequest, "`language` is required"))?;
+        let lang = self.catalog.find(name).ok_or_else(|| {
+            Problem::new(
+                ErrorCode::UnknownLanguage,
+                format!(
+                    "no language {name:?}; available: {}",
+                    self.catalog.names().join(", ")
+                ),
+            )
+        })?;
+        match self.image_status(&lang.name) {
+            ImageStatus::Ready { tag, version: v } => {
+                if let Some(asked) = version.filter(|v| !v.is_empty()) {
+                    if !v.starts_with(asked) {
+                        return Err(Problem::new(
+                            ErrorCode::UnknownLanguage,
+                            format!("no version {asked:?} of {}; available: {v}", lang.name),
+                        ));
+                    }
+                }
+                Ok((lang.clone(), v, tag))
+            }
+            ImageStatus::Preparing => Err(Problem::new(
+                ErrorCode::LanguageUnavailable,
+                format!(
+                    "{} is still being prepared on node {}",
+                    lang.name,
+                    self.node()
+                ),
+            )),
+            ImageStatus::Failed(why) => Err(Problem::new(
+                ErrorCode::LanguageUnavailable,
+                format!(
+                    "{} is unavailable on node {}: {why}",
+                    lang.name,
+                    self.node()
+                ),
+            )
+            .with_retry_after(30)),
+        }
+    }
+
+    /// Validates an execute request completely; nothing runs for a rejected one.
+    pub fn prepare(
+        &self,
+        req: &ExecuteRequest,
+        fixed: Option<(&Language, &str)>,
+    ) -> Result<Prepared, Problem> {
+        let (language, version) = match fixed {
+            Some((l, v)) => (l.clone(), v.to_string()),
+            None => {
+                let (l, v, _) =
+                    self.resolve_language(req.language.as_deref(), req.version.as_deref())?;
+                (l, v)
+            }
+        };
+        let files = job_files(
+            req.source.as_deref(),
+            req.files.as_deref(),
+            &language.file_name,
+        )?;
+        let limits = resolve_limits(
+            req.limits.as_ref(),
+            &self.config.default_limits(),
+            &self.config.max_limits(),
+        )?;
+        Ok(Prepared {
+            language,
+            version,
+            limits,
+            job_files: files,
+            stdin: req.stdin.clone().unwrap_or_default(),
+            args: req.args.clone().unwrap_or_default(),
+            isolation: req.isolation.unwrap_or_default(),
+        })
+    }
+
+    /// Waits for a free slot, at most the configured queue wait.
+    pub async fn take_slot(self: &Arc<Self>) -> Result<Slot, Problem> {
+        if self.draining.load(Ordering::SeqCst) {
+            return Err(Problem::new(
+                ErrorCode::NoCapacity,
+                format!("node {} is draining", self.node()),
+            ));
+        }
+        self.queued.fetch_add(1, Ordering::SeqCst);
+        let wait = Duration::from_millis(self.config.queue_wait_ms);
+        let permit = tokio::time::timeout(wait, self.slots.clone().acquire_owned()).await;
+        self.queued.fetch_sub(1, Ordering::SeqCst);
+        match permit {
+            Ok(Ok(permit)) => {
+                self.busy.fetch_add(1, Ordering::SeqCst);
+                Ok(Slot {
+                    agent: self.clone(),
+                    _permit: permit,
+                })
+            }
+            _ => Err(Problem::new(
+                ErrorCode::NoCapacity,
+                format!(
+                    "all {} slots of node {} are busy",
+                    self.config.slots,
+                    self.node()
+                ),
+            )),
+        }
+    }
+
+    pub fn pool_key(&self, language: &str, memory_bytes: u64) -> PoolKey {
+        PoolKey {
+            language: language.to_string(),
+            memory_bytes,
+        }
+    }
+
+    pub fn sizing(&self, key: &PoolKey) -> Sizing {
+        let min = if key.memory_bytes == self.config.default_limits().memory_bytes {
+            self.config.pool_min
+        } else {
+            0
+        };
+        Sizing {
+            min,
+            max: self.config.pool_max,
+        }
+    }
+
+    pub fn spec(&self, key: &PoolKey, tag: &str, kind: &'static str) -> SandboxSpec {
+        let max = self.config.max_limits();
+        SandboxSpec {
+            image: tag.to_string(),
+            node: self.config.node_id.clone(),
+            language: key.language.clone(),
+            kind,
+            supervisor: self.supervisor.clone(),
+            memory_bytes: key.memory_bytes + SANDBOX_OVERHEAD_BYTES,
+            nano_cpus: (self.config.sandbox_cpus * 1e9) as i64,
+            pids: max.processes as i64 + 16,
+            scratch_bytes: self.config.scratch_bytes,
+            file_size_bytes: max.file_size_bytes,
+            open_files: OPEN_FILES,
+        }
+    }
+
+    /// Starts a new sandbox for `key` (the cold path, also used to fill pools).
+    pub async fn start_sandbox(
+        &self,
+        key: &PoolKey,
+        kind: &'static str,
+    ) -> Result<Sandbox, SandboxError> {
+        let tag = match self.image_status(&key.language) {
+            ImageStatus::Ready { tag, .. } => tag,
+            other => return Err(SandboxError::Failed(format!("image not ready: {other:?}"))),
+        };
+        Sandbox::start(&self.docker, &self.spec(key, &tag, kind), &self.reaper).await
+    }
+
+    /// Runs a validated job on this node and answers as `/v1/execute` does.
+    pub async fn execute(
+        self: &Arc<Self>,
+        prepared: Prepared,
+        received: Instant,
+    ) -> Result<ExecuteResponse, Problem> {
+        let slot = self.take_slot().await?;
+        let queued = received.elapsed();
+        let key = self.pool_key(&prepared.language.name, prepared.limits.memory_bytes);
+        let pooled = self.pools.acquire(&key, prepared.isolation, Instant::now());
+        let (mut sandbox, source) = match pooled {
+            Some(found) => found,
+            None => match self.start_sandbox(&key, "pool").await {
+                Ok(sb) => (sb, Source::Cold),
+                Err(e) => {
+                    self.pools.release(&key);
+                    tracing::error!(language = %key.language, error = %e, "starting a sandbox failed");
+                    let why = e.to_string();
+                    return Ok(internal_error(
+                        self,
+                        new_id("ex"),
+                        &prepared,
+                        (received, queued),
+                        &why,
+                    ));
+                }
+            },
+        };
+        self.refill.notify_one();
+        metrics::counter!("codefleet_sandbox_acquired_total", "language" => key.language.clone(), "source" => source.as_str())
+            .increment(1);
+
+        let job = self.job(&prepared, sandbox.uid);
+        let id = job.id.clone();
+        let within = job_deadline(&prepared.limits);
+        let outcome = sandbox.run(job, within).await;
+        drop(slot);
+        self.pools.release(&key);
+        let response = match outcome {
+            Ok(stages) => {
+                let response = respond(
+                    self,
+                    id,
+                    &prepared,
+                    stages,
+                    (received, queued),
+                    source.as_str(),
+                );
+                self.recycle(key, sandbox);
+                response
+            }
+            Err(e) => {
+                tracing::warn!(container = %sandbox.id, error = %e, "sandbox failed; discarding it");
+                drop(sandbox);
+                internal_error(self, id, &prepared, (received, queued), &e.to_string())
+            }
+        };
+        record(&response, &prepared);
+        Ok(response)
+    }
+
+    /// Resets a used sandbox in the background and pools it again, or removes it.
+    pub fn recycle(self: &Arc<Self>, key: PoolKey, mut sandbox: Sandbox) {
+        if sandbox.jobs_run >= self.config.recycle_after || self.draining.load(Ordering::SeqCst) {
+            return;
+        }
+        let agent = self.clone();
+        tokio::spawn(async move {
+            match sandbox.reset().await {
+                Ok(()) => {
+                    let sizing = agent.sizing(&key);
+                    // Dropping what the pool does not take removes it.
+                    drop(
+                        agent
+                            .pools
+                            .put_recycled(&key, sandbox, sizing, Instant::now()),
+                    );
+                }
+                Err(e) => {
+                    metrics::counter!("codefleet_sandbox_reset_failures_total").increment(1);
+                    tracing::warn!(container = %sandbox.id, error = %e, "reset failed; discarding the sandbox");
+                }
+            }
+        });
+    }
+
+    /// The supervisor's job for a validated request.
+    pub fn job(&self, p: &Prepared, uid: u32) -> Job {
+        let entry = p.job_files[0].name.clone();
+        let (compile, run) = p.language.commands(&entry, &p.args);
+        let l = &p.limits;
+        let stage = |name: &str, argv: Vec<String>, stdin: String, wall: u64, cpu: u64| Stage {
+            name: name.to_string(),
+            argv,
+            stdin,
+            wall_time_ms: wall,
+            cpu_time_ms: cpu,
+            memory_bytes: l.memory_bytes,
+            processes: l.processes,
+            output_bytes: l.output_bytes,
+            file_size_bytes: l.file_size_bytes,
+            open_files: OPEN_FILES,
+        };
+        let mut stages = Vec::new();
+        if let Some(argv) = compile {
+            let t = l.compile_wall_time_ms;
+            stages.push(stage("compile", argv, String::new(), t, t));
+        }
+        stages.push(stage(
+            "run",
+            run,
+            p.stdin.clone(),
+            l.wall_time_ms,
+            l.cpu_time_ms,
+        ));
+        Job {
+            id: new_id("ex"),
+            uid,
+            gid: uid,
+            files: p
+                .job_files
+                .iter()
+                .map(|f| SandboxFile {
+                    name: f.name.clone(),
+                    content_b64: base64::engine::general_purpose::STANDARD.encode(&f.content),
+                    executable: false,
+                })
+                .collect(),
+            stages,
+            env: p
+                .language
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        }
+    }
+
+    pub fn languages(&self) -> Vec<LanguageInfo> {
+        let mut out: Vec<LanguageInfo> = self
+            .catalog
+            .languages
+            .iter()
+            .map(|l| {
+                let status = self.image_status(&l.name);
+                let (version, error) = match &status {
+                    ImageStatus::Ready { version, .. } => (version.clone(), None),
+                    ImageStatus::Failed(why) => (String::new(), Some(why.clone())),
+                    ImageStatus::Preparing => (String::new(), None),
+                };
+                LanguageInfo {
+                    name: l.name.clone(),
+                    aliases: l.aliases.clone(),
+                    version,
+                    compiled: l.compiled(),
+                    file_name: l.file_name.clone(),
+                    nodes_ready: u32::from(matches!(status, ImageStatus::Ready { .. })),
+                    image: Some(status.state()),
+                    error,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    pub fn capacity(&self) -> CapacityReport {
+        let warm = self.pools.warm_counts();
+        let languages: BTreeMap<String, LanguageCapacity> = self
+            .languages()
+            .into_iter()
+            .map(|l| {
+                let cap = LanguageCapacity {
+                    image: l.image.unwrap_or(ImageState::Preparing),
+                    warm: warm.get(&l.name).copied().unwrap_or(0),
+                    version: l.version,
+                    aliases: l.aliases,
+                    compiled: l.compiled,
+                    file_name: l.file_name,
+                    error: l.error,
+                };
+                (l.name, cap)
+            })
+            .collect();
+        CapacityReport {
+            node_id: self.config.node_id.clone(),
+            address: self
+                .config
+                .advertise
+                .clone()
+                .unwrap_or_else(|| format!("http://{}", self.config.listen)),
+            slots_total: self.config.slots,
+            slots_busy: self.busy.load(Ordering::SeqCst),
+            queued: self.queued.load(Ordering::SeqCst),
+            draining: self.draining.load(Ordering::SeqCst),
+            languages,
+            sessions: self.sessions.len() as u32,
+        }
+    }
+
+    /// Finds or builds one language's image, then reads its version from it.
+    pub async fn prepare_image(
+        self: &Arc<Self>,
+        lang: &Language,
+    ) -> Result<(String, String), String> {
+        let started = Instant::now();
+        let recipe = Recipe::of(lang, self.config.images_dir.as_deref())?;
+        let tag = recipe.tag(&lang.image);
+        let present = self
+            .docker
+            .image_exists(&tag)
+            .await
+            .map_err(|e| e.to_string())?;
+        if !present {
+            let pulled = match &self.config.registry {
+                Some(registry) => {
+                    let reference = format!("{}/{tag}", registry.trim_end_matches('/'));
+                    tracing::info!(language = %lang.name, %reference, "pulling image");
+                    self.docker
+                        .pull(&reference, &tag)
+                        .await
+                        .map_err(|e| tracing::info!(error = %e, "pull failed; building"))
+                        .is_ok()
+                }
+                None => false,
+            };
+            if !pulled {
+                tracing::info!(language = %lang.name, %tag, "building image from its recipe");
+                let name = lang.name.clone();
+                let mut last = Instant::now();
+                self.docker
+                    .build(&tag, recipe.context_tar(), move |line| {
+                        if line.starts_with("Step ") || last.elapsed() > Duration::from_secs(10) {
+                            last = Instant::now();
+                            tracing::info!(language = %name, progress = %line, "building image");
+                        }
+                    })
+                    .await
+                    .map_err(|e| match e.to_string() {
+                        m if m.contains("debian:bookworm-slim") => format!(
+                            "{m} (no base image and no registry: run deploy/images/bootstrap-base.sh)"
+                        ),
+                        m => m,
+                    })?;
+            }
+        }
+        // Read the version from the image itself, through a real sandbox.
+        self.set_image_status(
+            &lang.name,
+            ImageStatus::Ready {
+                tag: tag.clone(),
+                version: String::new(),
+            },
+        );
+        let version = self.probe_version(lang).await;
+        metrics::histogram!("codefleet_image_prepare_seconds", "language" => lang.name.clone())
+            .record(started.elapsed().as_secs_f64());
+        match version {
+            Ok(v) => Ok((tag, v)),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn probe_version(&self, lang: &Language) -> Result<String, String> {
+        let key = self.pool_key(&lang.name, self.config.default_limits().memory_bytes);
+        let mut sandbox = self
+            .start_sandbox(&key, "probe")
+            .await
+            .map_err(|e| format!("probe sandbox: {e}"))?;
+        let l = ResolvedLimits::DEFAULT;
+        let job = Job {
+            id: new_id("probe"),
+            uid: sandbox.uid,
+            gid: sandbox.uid,
+            files: vec![],
+            stages: vec![Stage {
+                name: "version".into(),
+                argv: lang.version.clone(),
+                stdin: String::new(),
+                wall_time_ms: 20_000,
+                cpu_time_ms: 20_000,
+                memory_bytes: l.memory_bytes,
+                processes: l.processes,
+                output_bytes: 4096,
+                file_size_bytes: l.file_size_bytes,
+                open_files: OPEN_FILES,
+            }],
+            env: vec![],
+        };
+        let stages = sandbox
+            .run(job, Duration::from_secs(30))
+            .await
+            .map_err(|e| format!("version probe: {e}"))?;
+        let r = &stages.first().ok_or("version probe: no result")?.result;
+        parse_version(&format!("{}\n{}", r.stdout, r.stderr)).ok_or_else(|| {
+            format!(
+                "no version in the output of {:?}: {:?}",
+                lang.version, r.stderr
+            )
+        })
+    }
+
+    /// Prepares every language independently; one failing does not stop the others.
+    pub async fn prepare_all(self: &Arc<Self>) {
+        let builds = Arc::new(Semaphore::new(2));
+        let mut tasks = Vec::new();
+        for lang in self.catalog.languages.clone() {
+            let agent = self.clone();
+            let builds = builds.clone();
+            tasks.push(tokio::spawn(async move {
+                let _permit = builds.acquire().await;
+                let status = match agent.prepare_image(&lang).await {
+                    Ok((tag, version)) => {
+                        tracing::info!(language = %lang.name, %version, %tag, "language ready");
+                        ImageStatus::Ready { tag, version }
+                    }
+                    Err(why) => {
+                        metrics::counter!("codefleet_image_prepare_failures_total", "language" => lang.name.clone()).increment(1);
+                        tracing::error!(language = %lang.name, error = %why, "language unavailable");
+                        ImageStatus::Failed(why)
+                    }
+                };
+                agent.set_image_status(&lang.name, status);
+                agent.refill.notify_one();
+            }));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+
+    /// Keeps the pools at their target size; runs until the task is aborted.
+    pub async fn refill_loop(self: Arc<Self>) {
+        loop {
+            let wanted: Vec<PoolKey> = self
+                .catalog
+                .languages
+                .iter()
+                .filter(|l| matches!(self.image_status(&l.name), ImageStatus::Ready { ref version, .. } if !version.is_empty()))
+                .map(|l| self.pool_key(&l.name, self.config.default_limits().memory_bytes))
+                .collect();
+            if self.started.load(Ordering::SeqCst) && !self.draining.load(Ordering::SeqCst) {
+                let (refills, idle) = self.pools.plan(|k| self.sizing(k), &wanted, Instant::now());
+                drop(idle);
+                for refill in refills {
+                    for _ in 0..refill.start {
+                        let agent = self.clone();
+                        let key = refill.key.clone();
+                        tokio::spawn(async move {
+                            let _permit = agent.starts.clone().acquire_owned().await;
+                            match agent.start_sandbox(&key, "pool").await {
+                                Ok(sb) => agent.pools.put_fresh(&key, sb, Instant::now()),
+                                Err(e) => {
+                                    agent.pools.start_failed(&key);
+                                    tracing::warn!(language = %key.language, error = %e, "filling the pool failed");
+                                    tokio::time::sleep(Duration::from_secs(1)).await;
+                                }
+                            }
+                        });
+                    }
+                }
+            }
+            for (lang, n) in self.pools.warm_counts() {
+                metrics::gauge!("codefleet_warm_sandboxes", "language" => lang).set(n as f64);
+            }
+            metrics::gauge!("codefleet_slots_busy").set(self.busy.load(Ordering::SeqCst) as f64);
+            let _ = tokio::time::timeout(Duration::from_millis(500), self.refill.notified()).await;
+        }
+    }
+}
+
+/// How long to wait for a job's answer: its own limits plus a margin.
+pub fn job_deadline(l: &ResolvedLimits) -> Duration {
+    Duration::from_millis(l.compile_wall_time_ms + l.wall_time_ms) + ANSWER_MARGIN
+}
+
+/// `ex_…`, `se_…`: a prefix and 16 random hex digits.
+pub fn new_id(prefix: &str) -> String {
+    format!("{prefix}_{:016x}", rand::random::<u64>())
+}
+
+/// Builds the answer from the stages that ran.
+pub fn respond(
+    agent: &Agent,
+    id: String,
+    p: &Prepared,
+    stages: Vec<StageOutcome>,
+    (received, queued): (Instant, Duration),
+    source: &str,
+) -> ExecuteResponse {
+    let mut compile = None;
+    let mut run = None;
+    for s in stages {
+        if let Some(ms) = s.kill_overshoot_ms {
+            metrics::histogram!("codefleet_timeout_overshoot_seconds").record(ms / 1e3);
+        }
+        match s.name.as_str() {
+            "compile" => compile = Some(s.result),
+            _ => run = Some(s.result),
+        }
+    }
+    let status = match (&compile, &run) {
+        (Some(c), _) if c.status != Status::Ok => Status::CompileError,
+        (_, Some(r)) => r.status,
+        _ => Status::InternalError,
+    };
+    if status == Status::CompileError {
+        run = None;
+    }
+    ExecuteResponse {
+        id,
+        language: LanguageRef {
+            name: p.language.name.clone(),
+            version: p.version.clone(),
+        },
+        status,
+        compile,
+        run,
+        node: agent.node().to_string(),
+        timing: Timing {
+            queued_ms: queued.as_millis() as u64,
+            total_ms: received.elapsed().as_millis() as u64,
+        },
+        sandbox: Some(source.to_string()),
+        attempts: None,
+    }
+}
+
+pub fn internal_error(
+    agent: &Agent,
+    id: String,
+    p: &Prepared,
+    (received, queued): (Instant, Duration),
+    why: &str,
+) -> ExecuteResponse {
+    let failed = StageResult {
+        status: Status::InternalError,
+        exit_code: None,
+        signal: None,
+        stdout: String::new(),
+        stderr: format!("codefleet: the sandbox failed: {why}\n"),
+        stdout_truncated: false,
+        stderr_truncated: false,
+        wall_time_ms: 0,
+        cpu_time_ms: 0,
+        memory_bytes: 0,
+    };
+    ExecuteResponse {
+        id,
+        language: LanguageRef {
+            name: p.language.name.clone(),
+            version: p.version.clone(),
+        },
+        status: Status::InternalError,
+        compile: None,
+        run: Some(failed),
+        node: agent.node().to_string(),
+        timing: Timing {
+            queued_ms: queued.as_millis() as u64,
+            total_ms: received.elapsed().as_millis() as u64,
+        },
+        sandbox: None,
+        attempts: None,
+    }
+}
+
+fn record(r: &ExecuteResponse, p: &Prepared) {
+    let lang = p.language.name.clone();
+    metrics::counter!("codefleet_executions_total", "language" => lang.clone(), "status" => r.status.as_str()).increment(1);
+    for (stage, result) in [("compile", &r.compile), ("run", &r.run)] {
+        if let Some(s) = result {
+            metrics::histogram!("codefleet_execution_stage_seconds", "language" => lang.clone(), "stage" => stage)
+                .record(s.wall_time_ms as f64 / 1e3);
+        }
+    }
+    metrics::histogram!("codefleet_execution_duration_seconds", "language" => lang)
+        .record(r.timing.total_ms as f64 / 1e3);
+}

@@ -1,0 +1,201 @@
+//! The language catalog: names, aliases, image recipes and command lines, parsed from TOML
+//! (deploy/languages.toml is built in) and resolved from a request's `language`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Deserialize;
+
+/// The built-in catalog and image recipes, so the binary is self-contained.
+pub const BUILTIN_CATALOG: &str = include_str!("../../deploy/languages.toml");
+
+pub fn builtin_recipe(image: &str) -> Option<&'static str> {
+    Some(match image {
+        "python" => include_str!("../../deploy/images/python/Dockerfile"),
+        "javascript" => include_str!("../../deploy/images/javascript/Dockerfile"),
+        "go" => include_str!("../../deploy/images/go/Dockerfile"),
+        "java" => include_str!("../../deploy/images/java/Dockerfile"),
+        "cpp" => include_str!("../../deploy/images/cpp/Dockerfile"),
+        "rust" => include_str!("../../deploy/images/rust/Dockerfile"),
+        _ => return None,
+    })
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Language {
+    pub name: String,
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    /// Recipe folder under deploy/images/.
+    pub image: String,
+    pub file_name: String,
+    /// Command whose output carries the version, read when the image is prepared.
+    pub version: Vec<String>,
+    #[serde(default)]
+    pub compile: Option<Vec<String>>,
+    pub run: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CatalogFile {
+    language: Vec<Language>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    pub languages: Vec<Language>,
+}
+
+impl Catalog {
+    pub fn parse(text: &str) -> Result<Catalog, String> {
+        let file: CatalogFile = toml::from_str(text).map_err(|e| e.to_string())?;
+        for lang in &file.language {
+            if lang.run.is_empty() || lang.version.is_empty() {
+                return Err(format!(
+                    "language {}: `run` and `version` must not be empty",
+                    lang.name
+                ));
+            }
+            if lang.compile.as_ref().is_some_and(|c| c.is_empty()) {
+                return Err(format!(
+                    "language {}: `compile` must not be empty",
+                    lang.name
+                ));
+            }
+        }
+        Ok(Catalog {
+            languages: file.language,
+        })
+    }
+
+    pub fn load(path: Option<&Path>) -> Result<Catalog, String> {
+        match path {
+            None => Catalog::parse(BUILTIN_CATALOG),
+            Some(p) => {
+                let text =
+                    std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
+                Catalog::parse(&text)
+            }
+        }
+    }
+
+    /// Keeps only the named languages (all when `names` is empty).
+    pub fn restrict(mut self, names: &[String]) -> Result<Catalog, String> {
+        if names.is_empty() {
+            return Ok(self);
+        }
+        for n in names {
+            if self.find(n).is_none() {
+                return Err(format!("--enable names unknown language {n:?}"));
+            }
+        }
+        self.languages
+            .retain(|l| names.iter().any(|n| l.name == *n || l.aliases.contains(n)));
+        Ok(self)
+    }
+
+    /// The language a request names, by name or alias, case-insensitively.
+    pub fn find(&self, name: &str) -> Option<&Language> {
+        let name = name.trim().to_ascii_lowercase();
+        self.languages
+            .iter()
+            .find(|l| l.name == name || l.aliases.iter().any(|a| *a == name))
+    }
+
+    pub fn names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.languages.iter().map(|l| l.name.as_str()).collect();
+        names.sort_unstable();
+        names
+    }
+}
+
+impl Language {
+    pub fn compiled(&self) -> bool {
+        self.compile.is_some()
+    }
+
+    /// The compile and run command lines for a job whose entry file is `entry`.
+    pub fn commands(&self, entry: &str, args: &[String]) -> (Option<Vec<String>>, Vec<String>) {
+        let stem = entry.rsplit('/').next().unwrap_or(entry);
+        let stem = stem.split_once('.').map_or(stem, |(s, _)| s);
+        let expand = |argv: &[String]| -> Vec<String> {
+            argv.iter()
+                .map(|a| a.replace("{entry_stem}", stem).replace("{entry}", entry))
+                .collect()
+        };
+        let compile = self.compile.as_deref().map(expand);
+        let mut run = expand(&self.run);
+        run.extend(args.iter().cloned());
+        (compile, run)
+    }
+}
+
+/// The first version-looking token (`3.11.2`, `1.19.8`, `17.0.19`) in a command's output.
+pub fn parse_version(output: &str) -> Option<String> {
+    output
+        .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .map(|t| t.trim_matches('.'))
+        .find(|t| t.contains('.') && t.split('.').all(|p| !p.is_empty()))
+        .map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_catalog_has_six_languages_with_recipes() {
+        let c = Catalog::parse(BUILTIN_CATALOG).unwrap();
+        assert_eq!(
+            c.names(),
+            ["cpp", "go", "java", "javascript", "python", "rust"]
+        );
+        for l in &c.languages {
+            assert!(builtin_recipe(&l.image).is_some(), "{}", l.name);
+        }
+    }
+
+    #[test]
+    fn finds_by_alias_case_insensitively() {
+        let c = Catalog::parse(BUILTIN_CATALOG).unwrap();
+        for (asked, name) in [
+            ("py", "python"),
+            ("JS", "javascript"),
+            ("node", "javascript"),
+            ("c++", "cpp"),
+            ("rust", "rust"),
+        ] {
+            assert_eq!(c.find(asked).unwrap().name, name);
+        }
+        assert!(c.find("cobol").is_none());
+    }
+
+    #[test]
+    fn commands_expand_placeholders_and_append_args() {
+        let c = Catalog::parse(BUILTIN_CATALOG).unwrap();
+        let java = c.find("java").unwrap();
+        let (compile, run) = java.commands("Main.java", &["a".into(), "{entry}".into()]);
+        assert!(compile.unwrap().contains(&"Main.java".to_string()));
+        assert_eq!(&run[run.len() - 3..], ["Main", "a", "{entry}"]);
+    }
+
+    #[test]
+    fn versions_parse_from_tool_output() {
+        let table = [
+            ("Python 3.11.2", "3.11.2"),
+            ("v18.19.0", "18.19.0"),
+            ("go version go1.19.8 linux/amd64", "1.19.8"),
+            ("openjdk version \"17.0.19\" 2026-04-21", "17.0.19"),
+            ("g++ (Debian 12.2.0-14+deb12u1) 12.2.0", "12.2.0"),
+            ("rustc 1.63.0", "1.63.0"),
+        ];
+        for (out, v) in table {
+            assert_eq!(parse_version(out).as_deref(), Some(v), "{out}");
+        }
+        assert_eq!(parse_version("no digits"), None);
+    }
+}

@@ -1,0 +1,191 @@
+//! The agent's configuration: one struct, from flags or `CODEFLEET_*` environment variables.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+use codefleet_shared::ResolvedLimits;
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "codefleet-agent",
+    version,
+    about = "codefleet node agent: runs untrusted code in hardened Docker sandboxes"
+)]
+pub struct Config {
+    /// Address to serve the agent API on.
+    #[arg(long, env = "CODEFLEET_LISTEN", default_value = "127.0.0.1:7001")]
+    pub listen: SocketAddr,
+
+    /// This node's id; labels every container it creates. Letters, digits, `_` and `-`.
+    #[arg(long, env = "CODEFLEET_NODE_ID", default_value = "agent-1", value_parser = parse_node_id)]
+    pub node_id: String,
+
+    /// A gateway to register with and report capacity to (repeatable).
+    #[arg(long = "gateway", env = "CODEFLEET_GATEWAY", value_delimiter = ',')]
+    pub gateways: Vec<String>,
+
+    /// Base URL at which gateways reach this agent (default: http://<listen>).
+    #[arg(long, env = "CODEFLEET_ADVERTISE")]
+    pub advertise: Option<String>,
+
+    /// A language catalog (TOML) to use instead of the built-in deploy/languages.toml.
+    #[arg(long, env = "CODEFLEET_LANGUAGES")]
+    pub languages: Option<PathBuf>,
+
+    /// Serve only these languages (comma separated names; default: all in the catalog).
+    #[arg(long, env = "CODEFLEET_ENABLE", value_delimiter = ',')]
+    pub enable: Vec<String>,
+
+    /// When set, `/v1/*` needs `Authorization: Bearer <token>`.
+    #[arg(long, env = "CODEFLEET_CLUSTER_TOKEN", hide_env_values = true)]
+    pub cluster_token: Option<String>,
+
+    /// Path of the statically linked supervisor binary mounted into every sandbox.
+    #[arg(long, env = "CODEFLEET_SUPERVISOR")]
+    pub supervisor: Option<PathBuf>,
+
+    /// Folder of language image recipes (default: the recipes built into the binary).
+    #[arg(long, env = "CODEFLEET_IMAGES_DIR")]
+    pub images_dir: Option<PathBuf>,
+
+    /// Registry prefix to try pulling language images from before building them.
+    #[arg(long, env = "CODEFLEET_REGISTRY")]
+    pub registry: Option<String>,
+
+    /// Jobs run at once on this node.
+    #[arg(long, env = "CODEFLEET_SLOTS", default_value_t = 8)]
+    pub slots: u32,
+
+    /// How long a job may wait for a slot before 503 no_capacity.
+    #[arg(long, env = "CODEFLEET_QUEUE_WAIT_MS", default_value_t = 2_000)]
+    pub queue_wait_ms: u64,
+
+    /// Warm sandboxes kept ready per language at least (default limits tier).
+    #[arg(long, env = "CODEFLEET_POOL_MIN", default_value_t = 2)]
+    pub pool_min: u32,
+
+    /// Warm sandboxes kept per language at most.
+    #[arg(long, env = "CODEFLEET_POOL_MAX", default_value_t = 8)]
+    pub pool_max: u32,
+
+    /// A sandbox is replaced after this many jobs.
+    #[arg(long, env = "CODEFLEET_RECYCLE_AFTER", default_value_t = 100)]
+    pub recycle_after: u32,
+
+    /// Sessions held at once on this node.
+    #[arg(long, env = "CODEFLEET_MAX_SESSIONS", default_value_t = 16)]
+    pub max_sessions: u32,
+
+    /// Default and maximum idle time of a session, seconds.
+    #[arg(long, env = "CODEFLEET_SESSION_TTL_S", default_value_t = 600)]
+    pub session_ttl_s: u64,
+    #[arg(long, env = "CODEFLEET_SESSION_MAX_TTL_S", default_value_t = 3_600)]
+    pub session_max_ttl_s: u64,
+
+    /// CPUs each sandbox may use (CFS quota).
+    #[arg(long, env = "CODEFLEET_SANDBOX_CPUS", default_value_t = 1.0)]
+    pub sandbox_cpus: f64,
+
+    /// Size of each sandbox's work dir and /tmp (tmpfs), bytes.
+    #[arg(long, env = "CODEFLEET_SCRATCH_BYTES", default_value_t = 64 << 20)]
+    pub scratch_bytes: u64,
+
+    /// Largest request body, bytes.
+    #[arg(long, env = "CODEFLEET_MAX_BODY_BYTES", default_value_t = 2 << 20)]
+    pub max_body_bytes: usize,
+
+    /// Deepest JSON nesting accepted in a request body.
+    #[arg(long, env = "CODEFLEET_MAX_JSON_DEPTH", default_value_t = 32)]
+    pub max_json_depth: usize,
+
+    /// Seconds that in-flight jobs get to finish on SIGTERM.
+    #[arg(long, env = "CODEFLEET_GRACE_S", default_value_t = 30)]
+    pub grace_s: u64,
+
+    /// Milliseconds between capacity reports to gateways.
+    #[arg(long, env = "CODEFLEET_REPORT_INTERVAL_MS", default_value_t = 1_000)]
+    pub report_interval_ms: u64,
+
+    /// Default limits (`--default-wall-time-ms` etc.) and maxima (`--max-wall-time-ms` etc.).
+    #[arg(long, env = "CODEFLEET_DEFAULT_WALL_TIME_MS", default_value_t = ResolvedLimits::DEFAULT.wall_time_ms)]
+    pub default_wall_time_ms: u64,
+    #[arg(long, env = "CODEFLEET_DEFAULT_CPU_TIME_MS", default_value_t = ResolvedLimits::DEFAULT.cpu_time_ms)]
+    pub default_cpu_time_ms: u64,
+    #[arg(long, env = "CODEFLEET_DEFAULT_MEMORY_BYTES", default_value_t = ResolvedLimits::DEFAULT.memory_bytes)]
+    pub default_memory_bytes: u64,
+    #[arg(long, env = "CODEFLEET_MAX_WALL_TIME_MS", default_value_t = ResolvedLimits::MAX.wall_time_ms)]
+    pub max_wall_time_ms: u64,
+    #[arg(long, env = "CODEFLEET_MAX_CPU_TIME_MS", default_value_t = ResolvedLimits::MAX.cpu_time_ms)]
+    pub max_cpu_time_ms: u64,
+    #[arg(long, env = "CODEFLEET_MAX_MEMORY_BYTES", default_value_t = ResolvedLimits::MAX.memory_bytes)]
+    pub max_memory_bytes: u64,
+    #[arg(long, env = "CODEFLEET_MAX_OUTPUT_BYTES", default_value_t = ResolvedLimits::MAX.output_bytes)]
+    pub max_output_bytes: u64,
+    #[arg(long, env = "CODEFLEET_MAX_PROCESSES", default_value_t = ResolvedLimits::MAX.processes)]
+    pub max_processes: u64,
+
+    /// Prepare (find or build) the language images, print their state, and exit.
+    #[arg(long)]
+    pub prepare_only: bool,
+}
+
+fn parse_node_id(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err("a node id is 1-64 of A-Z a-z 0-9 _ -".to_string())
+    }
+}
+
+impl Config {
+    /// A configuration with every default, listening on `listen`, for embedding and tests.
+    pub fn for_node(node_id: &str, listen: SocketAddr) -> Config {
+        let mut config = Config::parse_from(["codefleet-agent"]);
+        config.node_id = node_id.to_string();
+        config.listen = listen;
+        config
+    }
+
+    pub fn default_limits(&self) -> ResolvedLimits {
+        ResolvedLimits {
+            wall_time_ms: self.default_wall_time_ms,
+            cpu_time_ms: self.default_cpu_time_ms,
+            memory_bytes: self.default_memory_bytes,
+            ..ResolvedLimits::DEFAULT
+        }
+    }
+
+    pub fn max_limits(&self) -> ResolvedLimits {
+        ResolvedLimits {
+            wall_time_ms: self.max_wall_time_ms,
+            cpu_time_ms: self.max_cpu_time_ms,
+            memory_bytes: self.max_memory_bytes,
+            output_bytes: self.max_output_bytes,
+            processes: self.max_processes,
+            ..ResolvedLimits::MAX
+        }
+    }
+
+    /// The supervisor binary: the flag, else beside this executable, else the workspace's
+    /// static build.
+    pub fn supervisor_path(&self) -> Option<PathBuf> {
+        if let Some(p) = &self.supervisor {
+            return Some(p.clone());
+        }
+        let beside = std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.parent().map(|d| d.join("codefleet-supervisor-static")));
+        let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../target/x86_64-unknown-linux-gnu/release/codefleet-supervisor");
+        [beside, Some(workspace)]
+            .into_iter()
+            .flatten()
+            .find(|p| p.is_file())
+            .and_then(|p| p.canonicalize().ok())
+    }
+}

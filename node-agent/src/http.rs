@@ -1,0 +1,206 @@
+//! The agent's HTTP API: decode and validate at the edge, call the agent, answer JSON or
+//! problem+json. Routes: api.md's execute, languages and sessions, plus `/v1/capacity`,
+//! `/v1/drain`, `/healthz`, `/readyz` and `/metrics`.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use tracing::Instrument;
+
+use codefleet_shared::validate::json_depth;
+use codefleet_shared::{CreateSession, ErrorCode, ExecuteRequest, Problem};
+
+use crate::agent::Agent;
+
+/// A problem as an HTTP answer.
+pub struct ApiError(pub Problem);
+
+impl From<Problem> for ApiError {
+    fn from(p: Problem) -> ApiError {
+        ApiError(p)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        problem_response(&self.0)
+    }
+}
+
+pub fn problem_response(p: &Problem) -> Response {
+    let status = StatusCode::from_u16(p.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let body = serde_json::to_vec(p).expect("problems always serialize");
+    let mut resp = (status, body).into_response();
+    let headers = resp.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    if let Some(s) = p.retry_after_s {
+        headers.insert(header::RETRY_AFTER, HeaderValue::from(s));
+    }
+    resp
+}
+
+pub fn router(agent: Arc<Agent>) -> Router {
+    let v1 = Router::new()
+        .route("/v1/execute", post(execute))
+        .route("/v1/languages", get(languages))
+        .route("/v1/capacity", get(capacity))
+        .route("/v1/drain", post(drain))
+        .route("/v1/sessions", post(create_session))
+        .route("/v1/sessions/{id}/execute", post(session_execute))
+        .route("/v1/sessions/{id}", delete(delete_session))
+        .route_layer(middleware::from_fn_with_state(agent.clone(), authorize));
+    Router::new()
+        .merge(v1)
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .fallback(|| async { ApiError(Problem::new(ErrorCode::NotFound, "no such route")) })
+        .method_not_allowed_fallback(|| async {
+            ApiError(Problem::new(
+                ErrorCode::MethodNotAllowed,
+                "method not allowed on this route",
+            ))
+        })
+        .with_state(agent)
+}
+
+async fn authorize(State(agent): State<Arc<Agent>>, req: Request, next: Next) -> Response {
+    if let Some(token) = &agent.config.cluster_token {
+        if !bearer_matches(req.headers(), token) {
+            return ApiError(Problem::new(
+                ErrorCode::Unauthorized,
+                "missing or wrong cluster token",
+            ))
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// Compares the bearer token in constant time for equal lengths.
+pub fn bearer_matches(headers: &HeaderMap, expected: &str) -> bool {
+    let Some(got) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    got.len() == expected.len()
+        && got
+            .bytes()
+            .zip(expected.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+/// Reads a JSON body within the size and depth limits.
+async fn read_json<T: DeserializeOwned>(agent: &Agent, body: Body) -> Result<T, Problem> {
+    let max = agent.config.max_body_bytes;
+    let bytes: Bytes = axum::body::to_bytes(body, max).await.map_err(|_| {
+        Problem::new(
+            ErrorCode::PayloadTooLarge,
+            format!("the body is larger than {max} bytes"),
+        )
+    })?;
+    let depth = json_depth(&bytes);
+    if depth > agent.config.max_json_depth {
+        return Err(Problem::new(
+            ErrorCode::InvalidRequest,
+            format!(
+                "JSON nested {depth} deep; at most {} is accepted",
+                agent.config.max_json_depth
+            ),
+        ));
+    }
+    serde_json::from_slice(&bytes)
+        .map_err(|e| Problem::new(ErrorCode::InvalidRequest, format!("invalid JSON body: {e}")))
+}
+
+async fn execute(State(agent): State<Arc<Agent>>, body: Body) -> Result<Response, ApiError> {
+    let received = Instant::now();
+    let req: ExecuteRequest = read_json(&agent, body).await?;
+    let prepared = agent.prepare(&req, None)?;
+    let span =
+        tracing::info_span!("execute", node = %agent.node(), language = %prepared.language.name);
+    let response = agent.execute(prepared, received).instrument(span).await?;
+    Ok(Json(response).into_response())
+}
+
+async fn languages(State(agent): State<Arc<Agent>>) -> Response {
+    Json(agent.languages()).into_response()
+}
+
+async fn capacity(State(agent): State<Arc<Agent>>) -> Response {
+    Json(agent.capacity()).into_response()
+}
+
+async fn drain(State(agent): State<Arc<Agent>>) -> Response {
+    agent.draining.store(true, Ordering::SeqCst);
+    tracing::info!(node = %agent.node(), "draining: no new work");
+    StatusCode::ACCEPTED.into_response()
+}
+
+async fn create_session(State(agent): State<Arc<Agent>>, body: Body) -> Result<Response, ApiError> {
+    let req: CreateSession = read_json(&agent, body).await?;
+    let info = agent.create_session(req).await?;
+    Ok((StatusCode::CREATED, Json(info)).into_response())
+}
+
+async fn session_execute(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let received = Instant::now();
+    let req: ExecuteRequest = read_json(&agent, body).await?;
+    if req.language.is_some() || req.version.is_some() {
+        return Err(Problem::new(
+            ErrorCode::InvalidRequest,
+            "a session's language is fixed when it is created; leave out `language` and `version`",
+        )
+        .into());
+    }
+    let response = agent.session_execute(&id, req, received).await?;
+    Ok(Json(response).into_response())
+}
+
+async fn delete_session(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    agent.delete_session(&id).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn readyz(State(agent): State<Arc<Agent>>) -> Response {
+    if agent.is_ready() {
+        "ready".into_response()
+    } else {
+        let why = if !agent.docker_ok.load(Ordering::SeqCst) {
+            "docker is unreachable"
+        } else if agent.draining.load(Ordering::SeqCst) {
+            "draining"
+        } else {
+            "starting"
+        };
+        (StatusCode::SERVICE_UNAVAILABLE, why).into_response()
+    }
+}
+
+async fn metrics_text() -> Response {
+    let text = crate::telemetry::prometheus().render();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}

@@ -1,0 +1,262 @@
+//! Warm sandboxes, per language and memory limit (a container's cgroup is fixed when it is
+//! created, so a pool serves exactly one memory limit). `fresh` sandboxes never ran a job;
+//! `recycled` ones were reset after one. Sizing is a pure function of recent demand.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use codefleet_shared::Isolation;
+
+use crate::sandbox::Sandbox;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub language: String,
+    pub memory_bytes: u64,
+}
+
+/// How a job got its sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Warm,
+    Fresh,
+    Cold,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Warm => "warm",
+            Source::Fresh => "fresh",
+            Source::Cold => "cold",
+        }
+    }
+}
+
+/// The pool's sizing inputs for one key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sizing {
+    pub min: u32,
+    pub max: u32,
+}
+
+/// How many warm sandboxes to keep: one more than the highest concurrency seen lately, within
+/// `[min, max]`; just `min` when nothing was used lately.
+pub fn target_warm(sizing: Sizing, recent_peak_in_use: u32) -> u32 {
+    let max = sizing.max.max(sizing.min);
+    if recent_peak_in_use == 0 {
+        return sizing.min;
+    }
+    (recent_peak_in_use + 1).clamp(sizing.min, max)
+}
+
+/// How many fresh sandboxes to start now, given what is ready or on its way.
+pub fn to_start(target: u32, fresh: u32, recycled: u32, starting: u32) -> u32 {
+    let have = fresh + recycled + starting;
+    let want_total = target.saturating_sub(have);
+    // Keep at least one never-used sandbox ready while the pool is meant to be warm at all, so
+    // `fresh` requests are served warm too.
+    let want_fresh = u32::from(target > 0 && fresh + starting == 0);
+    want_total.max(want_fresh)
+}
+
+/// How long the peak of in-use sandboxes is remembered.
+const PEAK_WINDOW: Duration = Duration::from_secs(60);
+/// A recycled sandbox idle this long above target is removed.
+const IDLE: Duration = Duration::from_secs(120);
+
+#[derive(Default)]
+struct Entry {
+    fresh: VecDeque<(Sandbox, Instant)>,
+    recycled: VecDeque<(Sandbox, Instant)>,
+    starting: u32,
+    in_use: u32,
+    peak: u32,
+    peak_at: Option<Instant>,
+}
+
+impl Entry {
+    fn recent_peak(&self, now: Instant) -> u32 {
+        match self.peak_at {
+            Some(at) if now.duration_since(at) < PEAK_WINDOW => self.peak.max(self.in_use),
+            _ => self.in_use,
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct Pools {
+    entries: Mutex<HashMap<PoolKey, Entry>>,
+}
+
+/// What the refiller should do for one key.
+pub struct Refill {
+    pub key: PoolKey,
+    pub start: u32,
+}
+
+impl Pools {
+    /// Takes a ready sandbox for `isolation`, if one is there; counts the key as in use either
+    /// way (the caller starts a cold one when this returns `None`).
+    pub fn acquire(
+        &self,
+        key: &PoolKey,
+        isolation: Isolation,
+        now: Instant,
+    ) -> Option<(Sandbox, Source)> {
+        let mut entries = self.entries.lock().expect("pool lock");
+        let entry = entries.entry(key.clone()).or_default();
+        entry.in_use += 1;
+        if entry.in_use >= entry.recent_peak(now) {
+            entry.peak = entry.in_use;
+            entry.peak_at = Some(now);
+        }
+        if isolation == Isolation::Recycled {
+            if let Some((sb, _)) = entry.recycled.pop_back() {
+                return Some((sb, Source::Warm));
+            }
+        }
+        entry.fresh.pop_front().map(|(sb, _)| (sb, Source::Fresh))
+    }
+
+    /// The job that acquired from `key` is done with its sandbox (returned or not).
+    pub fn release(&self, key: &PoolKey) {
+        let mut entries = self.entries.lock().expect("pool lock");
+        if let Some(e) = entries.get_mut(key) {
+            e.in_use = e.in_use.saturating_sub(1);
+        }
+    }
+
+    /// Puts a reset sandbox back; gives it back when the pool is full.
+    pub fn put_recycled(
+        &self,
+        key: &PoolKey,
+        sandbox: Sandbox,
+        sizing: Sizing,
+        now: Instant,
+    ) -> Option<Sandbox> {
+        let mut entries = self.entries.lock().expect("pool lock");
+        let entry = entries.entry(key.clone()).or_default();
+        let held = (entry.fresh.len() + entry.recycled.len()) as u32;
+        if held >= sizing.max {
+            return Some(sandbox);
+        }
+        entry.recycled.push_back((sandbox, now));
+        None
+    }
+
+    pub fn put_fresh(&self, key: &PoolKey, sandbox: Sandbox, now: Instant) {
+        let mut entries = self.entries.lock().expect("pool lock");
+        let entry = entries.entry(key.clone()).or_default();
+        entry.starting = entry.starting.saturating_sub(1);
+        entry.fresh.push_back((sandbox, now));
+    }
+
+    pub fn start_failed(&self, key: &PoolKey) {
+        let mut entries = self.entries.lock().expect("pool lock");
+        if let Some(e) = entries.get_mut(key) {
+            e.starting = e.starting.saturating_sub(1);
+        }
+    }
+
+    /// Decides what to start for every key, marking those starts as under way, and takes out
+    /// the sandboxes idle above target (for the caller to drop, which removes them).
+    pub fn plan(
+        &self,
+        sizing_of: impl Fn(&PoolKey) -> Sizing,
+        wanted: &[PoolKey],
+        now: Instant,
+    ) -> (Vec<Refill>, Vec<Sandbox>) {
+        let mut entries = self.entries.lock().expect("pool lock");
+        for key in wanted {
+            entries.entry(key.clone()).or_default();
+        }
+        let mut refills = Vec::new();
+        let mut idle = Vec::new();
+        for (key, entry) in entries.iter_mut() {
+            let target = target_warm(sizing_of(key), entry.recent_peak(now));
+            let start = to_start(
+                target,
+                entry.fresh.len() as u32,
+                entry.recycled.len() as u32,
+                entry.starting,
+            );
+            if start > 0 {
+                entry.starting += start;
+                refills.push(Refill {
+                    key: key.clone(),
+                    start,
+                });
+            }
+            while (entry.fresh.len() + entry.recycled.len()) as u32 > target {
+                match entry.recycled.front() {
+                    Some((_, since)) if now.duration_since(*since) > IDLE => {
+                        idle.push(entry.recycled.pop_front().expect("front exists").0);
+                    }
+                    _ => break,
+                }
+            }
+        }
+        (refills, idle)
+    }
+
+    /// Ready sandboxes per language.
+    pub fn warm_counts(&self) -> HashMap<String, u32> {
+        let entries = self.entries.lock().expect("pool lock");
+        let mut out = HashMap::new();
+        for (key, e) in entries.iter() {
+            *out.entry(key.language.clone()).or_insert(0) +=
+                (e.fresh.len() + e.recycled.len()) as u32;
+        }
+        out
+    }
+
+    /// Takes every pooled sandbox out (to drop them at shutdown).
+    pub fn drain(&self) -> Vec<Sandbox> {
+        let mut entries = self.entries.lock().expect("pool lock");
+        entries
+            .values_mut()
+            .flat_map(|e| {
+                e.fresh
+                    .drain(..)
+                    .chain(e.recycled.drain(..))
+                    .map(|(sb, _)| sb)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_follows_recent_peak_within_bounds() {
+        let s = Sizing { min: 2, max: 8 };
+        let table = [(0, 2), (1, 2), (2, 3), (5, 6), (7, 8), (50, 8)];
+        for (peak, want) in table {
+            assert_eq!(target_warm(s, peak), want, "peak {peak}");
+        }
+        assert_eq!(target_warm(Sizing { min: 0, max: 4 }, 0), 0);
+        assert_eq!(target_warm(Sizing { min: 0, max: 4 }, 1), 2);
+        assert_eq!(target_warm(Sizing { min: 0, max: 0 }, 3), 0);
+    }
+
+    #[test]
+    fn starts_what_is_missing_and_keeps_one_fresh() {
+        // (target, fresh, recycled, starting) -> start
+        let table = [
+            ((2, 0, 0, 0), 2),
+            ((2, 1, 0, 0), 1),
+            ((2, 0, 2, 0), 1), // all recycled: still one fresh for `fresh` jobs
+            ((2, 0, 1, 1), 0),
+            ((3, 1, 5, 0), 0),
+            ((0, 0, 0, 0), 0),
+        ];
+        for ((t, f, r, s), want) in table {
+            assert_eq!(to_start(t, f, r, s), want, "{:?}", (t, f, r, s));
+        }
+    }
+}

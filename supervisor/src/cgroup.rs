@@ -1,0 +1,87 @@
+//! Reads the sandbox container's own cgroup, v1 or v2: CPU time used by everything in the
+//! container (to enforce the CPU limit across all of a job's processes) and the OOM-kill count
+//! (to tell a memory-limit kill from any other SIGKILL).
+
+use std::fs;
+use std::path::PathBuf;
+
+#[derive(Debug, Clone)]
+pub struct Cgroup {
+    pub version: &'static str,
+    cpu: Option<(PathBuf, CpuFormat)>,
+    oom: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum CpuFormat {
+    /// v1 `cpuacct.usage`: nanoseconds.
+    Nanos,
+    /// v2 `cpu.stat`: a `usage_usec N` line.
+    StatUsec,
+}
+
+impl Cgroup {
+    pub fn detect() -> Cgroup {
+        let root = PathBuf::from("/sys/fs/cgroup");
+        if root.join("cgroup.controllers").exists() {
+            return Cgroup {
+                version: "v2",
+                cpu: Some((root.join("cpu.stat"), CpuFormat::StatUsec)),
+                oom: Some(root.join("memory.events")),
+            };
+        }
+        let cpu = ["cpuacct/cpuacct.usage", "cpu,cpuacct/cpuacct.usage"]
+            .iter()
+            .map(|p| root.join(p))
+            .find(|p| p.exists());
+        let oom = root.join("memory/memory.oom_control");
+        if cpu.is_some() || oom.exists() {
+            return Cgroup {
+                version: "v1",
+                cpu: cpu.map(|p| (p, CpuFormat::Nanos)),
+                oom: oom.exists().then_some(oom),
+            };
+        }
+        Cgroup {
+            version: "none",
+            cpu: None,
+            oom: None,
+        }
+    }
+
+    /// CPU time used by the whole container so far, in microseconds.
+    pub fn cpu_usage_us(&self) -> Option<u64> {
+        let (path, format) = self.cpu.as_ref()?;
+        let text = fs::read_to_string(path).ok()?;
+        match format {
+            CpuFormat::Nanos => text.trim().parse::<u64>().ok().map(|ns| ns / 1_000),
+            CpuFormat::StatUsec => field(&text, "usage_usec"),
+        }
+    }
+
+    /// How many processes the kernel's OOM killer has killed in this container.
+    pub fn oom_kills(&self) -> Option<u64> {
+        let text = fs::read_to_string(self.oom.as_ref()?).ok()?;
+        field(&text, "oom_kill")
+    }
+}
+
+/// The number after `key` on a `key value` line.
+fn field(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|line| {
+        let (k, v) = line.split_once(' ')?;
+        (k == key).then(|| v.trim().parse().ok()).flatten()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reads_key_value_files() {
+        let v1 = "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n";
+        assert_eq!(super::field(v1, "oom_kill"), Some(3));
+        let v2 = "usage_usec 1234\nuser_usec 1000\nsystem_usec 234\n";
+        assert_eq!(super::field(v2, "usage_usec"), Some(1234));
+        assert_eq!(super::field(v2, "nope"), None);
+    }
+}

@@ -1,0 +1,398 @@
+//! Running one job: write its files as the job user, then run each stage as the job user with
+//! rlimits, feeding stdin, capping output, and killing everything at the wall or CPU limit.
+
+use std::ffi::CString;
+use std::fs;
+use std::io::Write;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use codefleet_shared::sandbox::{Job, SandboxFile, Stage, StageOutcome};
+use codefleet_shared::{StageResult, Status};
+
+use crate::cgroup::Cgroup;
+use crate::reset::kill_and_reap;
+use crate::sys;
+
+pub const WORKDIR: &str = "/work";
+
+/// Runs `job`; `Err` means the sandbox itself failed (not the program).
+pub fn run_job(job: &Job, cgroup: &Cgroup) -> Result<Vec<StageOutcome>, String> {
+    sys::become_user(job.uid, job.gid).map_err(|e| format!("switching to the job user: {e}"))?;
+    let written = write_files(&job.files);
+    sys::restore_root().map_err(|e| format!("switching back to root: {e}"))?;
+    written?;
+
+    let mut outcomes = Vec::with_capacity(job.stages.len());
+    for stage in &job.stages {
+        let outcome = run_stage(job, stage, cgroup)?;
+        let failed = outcome.result.status != Status::Ok;
+        outcomes.push(outcome);
+        if failed {
+            break;
+        }
+    }
+    Ok(outcomes)
+}
+
+fn write_files(files: &[SandboxFile]) -> Result<(), String> {
+    for file in files {
+        let content = base64::engine::general_purpose::STANDARD
+            .decode(&file.content_b64)
+            .map_err(|e| format!("file {}: bad base64: {e}", file.name))?;
+        let path = Path::new(WORKDIR).join(&file.name);
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent)
+                .map_err(|e| format!("creating {}: {e}", parent.display()))?;
+        }
+        let mode = if file.executable { 0o755 } else { 0o644 };
+        // O_NOFOLLOW: a file left by an earlier execution of a session cannot redirect the
+        // write (it runs as the job user anyway, so it could reach nothing more).
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(|e| format!("writing {}: {e}", file.name))?;
+        f.write_all(&content)
+            .map_err(|e| format!("writing {}: {e}", file.name))?;
+        let _ = fs::set_permissions(&path, fs::Permissions::from_mode(mode));
+    }
+    Ok(())
+}
+
+/// Finds `argv[0]` on the job's PATH, as execvp would.
+fn resolve(program: &str, env: &[(String, String)]) -> Option<CString> {
+    if program.contains('/') {
+        return CString::new(program).ok();
+    }
+    let path = env
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.as_str())
+        .unwrap_or(DEFAULT_PATH);
+    path.split(':')
+        .filter_map(|dir| CString::new(format!("{dir}/{program}")).ok())
+        .find(|candidate| sys::is_executable(candidate))
+}
+
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+fn environment(job: &Job) -> Vec<CString> {
+    let mut env: Vec<(String, String)> = job.env.clone();
+    for (k, v) in [
+        ("PATH", DEFAULT_PATH),
+        ("HOME", WORKDIR),
+        ("LANG", "C.UTF-8"),
+    ] {
+        if !env.iter().any(|(key, _)| key == k) {
+            env.push((k.to_string(), v.to_string()));
+        }
+    }
+    env.into_iter()
+        .filter_map(|(k, v)| CString::new(format!("{k}={v}")).ok())
+        .collect()
+}
+
+/// A captured stream, capped at `cap` bytes.
+struct Capture {
+    fd: Option<OwnedFd>,
+    data: Vec<u8>,
+    cap: usize,
+    truncated: bool,
+}
+
+impl Capture {
+    fn new(fd: OwnedFd, cap: u64) -> Capture {
+        Capture {
+            fd: Some(fd),
+            data: Vec::new(),
+            cap: cap as usize,
+            truncated: false,
+        }
+    }
+
+    /// Reads what is available; returns true when the cap was exceeded.
+    fn pump(&mut self, buf: &mut [u8]) -> bool {
+        let Some(fd) = &self.fd else { return false };
+        loop {
+            match sys::read(fd, buf) {
+                Ok(0) => {
+                    self.fd = None;
+                    return false;
+                }
+                Ok(n) => {
+                    let room = self.cap.saturating_sub(self.data.len());
+                    self.data.extend_from_slice(&buf[..n.min(room)]);
+                    if n > room {
+                        self.truncated = true;
+                        self.fd = None;
+                        return true;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    self.fd = None;
+                    return false;
+                }
+            }
+        }
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.data).into_owned()
+    }
+}
+
+#[derive(PartialEq, Eq, Clone, Copy)]
+enum Kill {
+    Wall,
+    Cpu,
+    Output,
+}
+
+fn run_stage(job: &Job, stage: &Stage, cgroup: &Cgroup) -> Result<StageOutcome, String> {
+    let program = stage.argv.first().ok_or("a stage without a command")?;
+    let env = environment(job);
+    let path = match resolve(program, &job.env) {
+        Some(p) => p,
+        None => return Ok(not_found(stage, program)),
+    };
+    let argv: Vec<CString> = stage
+        .argv
+        .iter()
+        .map(|a| CString::new(a.as_str()).map_err(|_| "an argument with a NUL byte".to_string()))
+        .collect::<Result<_, _>>()?;
+    let cpu_secs = stage.cpu_time_ms.div_ceil(1000) + 1;
+    let exec = sys::Exec {
+        path,
+        argv,
+        envp: env,
+        workdir: CString::new(WORKDIR).expect("no NUL"),
+        uid: job.uid,
+        gid: job.gid,
+        rlimits: vec![
+            (libc::RLIMIT_CPU, cpu_secs),
+            (libc::RLIMIT_FSIZE, stage.file_size_bytes),
+            (libc::RLIMIT_NOFILE, stage.open_files),
+            (libc::RLIMIT_CORE, 0),
+            (libc::RLIMIT_NPROC, stage.processes),
+        ],
+    };
+
+    let (in_r, in_w) = sys::pipe().map_err(|e| format!("pipe: {e}"))?;
+    let (out_r, out_w) = sys::pipe().map_err(|e| format!("pipe: {e}"))?;
+    let (err_r, err_w) = sys::pipe().map_err(|e| format!("pipe: {e}"))?;
+    for fd in [&in_w, &out_r, &err_r] {
+        sys::set_nonblocking(fd).map_err(|e| format!("fcntl: {e}"))?;
+    }
+
+    let cpu_before = cgroup.cpu_usage_us();
+    let oom_before = cgroup.oom_kills();
+    let started = Instant::now();
+    let pid = sys::spawn(&exec, &in_r, &out_w, &err_w).map_err(|e| format!("spawn: {e}"))?;
+    drop((in_r, out_w, err_w));
+    let pidfd = sys::pidfd_open(pid).map_err(|e| format!("pidfd_open: {e}"))?;
+
+    let wall_deadline = started + Duration::from_millis(stage.wall_time_ms);
+    let cpu_budget_us = stage.cpu_time_ms * 1_000;
+    let cpus = sys::online_cpus();
+    let mut stdin_left: &[u8] = stage.stdin.as_bytes();
+    let mut stdin_fd = if stdin_left.is_empty() {
+        None
+    } else {
+        Some(in_w)
+    };
+    let mut stdout = Capture::new(out_r, stage.output_bytes);
+    let mut stderr = Capture::new(err_r, stage.output_bytes);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut killed: Option<Kill> = None;
+    let mut overshoot_ms = None;
+    let mut main_exit: Option<sys::Reaped> = None;
+
+    while main_exit.is_none() {
+        // How long until we must look again: the wall deadline, or the earliest moment the CPU
+        // budget could run out with every core busy.
+        let now = Instant::now();
+        let mut wait = wall_deadline.saturating_duration_since(now);
+        if let (Some(before), Some(now_us)) = (cpu_before, cgroup.cpu_usage_us()) {
+            let used = now_us.saturating_sub(before);
+            if used >= cpu_budget_us {
+                killed = Some(Kill::Cpu);
+                sys::kill_all();
+                break;
+            }
+            let earliest =
+                Duration::from_micros((cpu_budget_us - used) / cpus).max(Duration::from_millis(2));
+            wait = wait.min(earliest);
+        }
+        if now >= wall_deadline {
+            overshoot_ms = Some(now.duration_since(wall_deadline).as_secs_f64() * 1e3);
+            killed = Some(Kill::Wall);
+            sys::kill_all();
+            break;
+        }
+
+        let mut fds = vec![(pidfd.as_raw_fd(), libc::POLLIN)];
+        let out_idx = stdout.fd.as_ref().map(|fd| {
+            fds.push((fd.as_raw_fd(), libc::POLLIN));
+            fds.len() - 1
+        });
+        let err_idx = stderr.fd.as_ref().map(|fd| {
+            fds.push((fd.as_raw_fd(), libc::POLLIN));
+            fds.len() - 1
+        });
+        let in_idx = stdin_fd.as_ref().map(|fd| {
+            fds.push((fd.as_raw_fd(), libc::POLLOUT));
+            fds.len() - 1
+        });
+        let revents = sys::poll(&fds, wait).map_err(|e| format!("poll: {e}"))?;
+
+        if out_idx.is_some_and(|i| revents[i] != 0) && stdout.pump(&mut buf) {
+            killed = Some(Kill::Output);
+        }
+        if err_idx.is_some_and(|i| revents[i] != 0) && stderr.pump(&mut buf) {
+            killed = Some(Kill::Output);
+        }
+        if killed == Some(Kill::Output) {
+            sys::kill_all();
+            break;
+        }
+        if let Some(i) = in_idx {
+            if revents[i] & (libc::POLLERR | libc::POLLHUP) != 0 {
+                stdin_fd = None;
+            } else if revents[i] != 0 {
+                if let Some(fd) = &stdin_fd {
+                    match sys::write(fd, stdin_left) {
+                        Ok(n) => stdin_left = &stdin_left[n..],
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(_) => stdin_left = &[],
+                    }
+                }
+                if stdin_left.is_empty() {
+                    stdin_fd = None; // closing it gives the program EOF
+                }
+            }
+        }
+        if revents[0] != 0 {
+            main_exit = reap_until(pid);
+        }
+    }
+    let wall = started.elapsed();
+    drop(stdin_fd);
+
+    // The main process is gone (or we killed everything): nothing of the stage may outlive it.
+    sys::kill_all();
+    if main_exit.is_none() {
+        main_exit = reap_until(pid);
+    }
+    // Every writer is dead now, so the pipes reach EOF promptly.
+    let drain_deadline = Instant::now() + Duration::from_millis(200);
+    while (stdout.fd.is_some() || stderr.fd.is_some()) && Instant::now() < drain_deadline {
+        let mut fds = Vec::new();
+        for c in [&stdout, &stderr] {
+            if let Some(fd) = &c.fd {
+                fds.push((fd.as_raw_fd(), libc::POLLIN));
+            }
+        }
+        let _ = sys::poll(&fds, Duration::from_millis(20));
+        if stdout.pump(&mut buf) || stderr.pump(&mut buf) {
+            killed = killed.or(Some(Kill::Output));
+        }
+    }
+    kill_and_reap(Duration::from_secs(2))?;
+
+    let exit = main_exit.ok_or("the stage's process vanished without a status")?;
+    let cpu_us = match (cpu_before, cgroup.cpu_usage_us()) {
+        (Some(a), Some(b)) => b.saturating_sub(a),
+        _ => tv_us(exit.rusage.ru_utime) + tv_us(exit.rusage.ru_stime),
+    };
+    let memory_bytes = (exit.rusage.ru_maxrss.max(0) as u64) * 1024;
+    let exit_code = sys::exit_code(exit.status);
+    let signal = sys::term_signal(exit.status);
+    let oom = match (oom_before, cgroup.oom_kills()) {
+        (Some(a), Some(b)) => b > a,
+        // Without the cgroup's word: an unexplained SIGKILL near the limit.
+        _ => {
+            signal == Some(libc::SIGKILL)
+                && killed.is_none()
+                && memory_bytes * 10 >= stage.memory_bytes * 9
+        }
+    };
+    let status = match killed {
+        Some(Kill::Output) => Status::OutputLimit,
+        Some(Kill::Wall) | Some(Kill::Cpu) => Status::Timeout,
+        None if oom => Status::MemoryLimit,
+        None if signal == Some(libc::SIGXCPU) => Status::Timeout,
+        None if signal == Some(libc::SIGXFSZ) => Status::OutputLimit,
+        None if exit_code == Some(0) => Status::Ok,
+        None => Status::RuntimeError,
+    };
+    // A signal we sent is not the program's own doing: report it only when it caused the end.
+    let signal = match killed {
+        Some(_) => Some(libc::SIGKILL),
+        None => signal,
+    };
+    Ok(StageOutcome {
+        name: stage.name.clone(),
+        result: StageResult {
+            status,
+            exit_code: if killed.is_some() { None } else { exit_code },
+            signal: signal.map(sys::signal_name),
+            stdout: stdout.text(),
+            stderr: stderr.text(),
+            stdout_truncated: stdout.truncated,
+            stderr_truncated: stderr.truncated,
+            wall_time_ms: wall.as_millis() as u64,
+            cpu_time_ms: cpu_us / 1_000,
+            memory_bytes,
+        },
+        kill_overshoot_ms: if killed == Some(Kill::Wall) {
+            overshoot_ms
+        } else {
+            None
+        },
+    })
+}
+
+/// Reaps children until `pid` is among them; other children (orphans that reparented to us)
+/// are reaped and forgotten on the way.
+fn reap_until(pid: libc::pid_t) -> Option<sys::Reaped> {
+    loop {
+        match sys::wait_any() {
+            Ok(Some(r)) if r.pid == pid => return Some(r),
+            Ok(Some(_)) => continue,
+            Ok(None) => std::thread::sleep(Duration::from_micros(100)),
+            Err(_) => return None,
+        }
+    }
+}
+
+fn tv_us(tv: libc::timeval) -> u64 {
+    (tv.tv_sec.max(0) as u64) * 1_000_000 + tv.tv_usec.max(0) as u64
+}
+
+fn not_found(stage: &Stage, program: &str) -> StageOutcome {
+    StageOutcome {
+        name: stage.name.clone(),
+        result: StageResult {
+            status: Status::RuntimeError,
+            exit_code: Some(127),
+            signal: None,
+            stdout: String::new(),
+            stderr: format!("{program}: command not found\n"),
+            stdout_truncated: false,
+            stderr_truncated: false,
+            wall_time_ms: 0,
+            cpu_time_ms: 0,
+            memory_bytes: 0,
+        },
+        kill_overshoot_ms: None,
+    }
+}
