@@ -299,7 +299,7 @@ impl Agent {
             kind,
             supervisor: self.supervisor.clone(),
             memory_bytes: key.memory_bytes + SANDBOX_OVERHEAD_BYTES,
-            nano_cpus: (self.config.sandbox_cpus * 1e9) as i64,
+            cpus: self.config.sandbox_cpus,
             pids: max.processes as i64 + 16,
             scratch_bytes: self.config.scratch_bytes,
             file_size_bytes: max.file_size_bytes,
@@ -411,7 +411,11 @@ impl Agent {
         let entry = p.job_files[0].name.clone();
         let (compile, run) = p.language.commands(&entry, &p.args);
         let l = &p.limits;
-        let stage = |name: &str, argv: Vec<String>, stdin: String, wall: u64, cpu: u64| Stage {
+        let stage = |name: &str,
+                     argv: Vec<String>,
+                     stdin: String,
+                     (wall, cpu): (u64, u64),
+                     file_size: u64| Stage {
             name: name.to_string(),
             argv,
             stdin,
@@ -420,21 +424,23 @@ impl Agent {
             memory_bytes: l.memory_bytes,
             processes: l.processes,
             output_bytes: l.output_bytes,
-            file_size_bytes: l.file_size_bytes,
+            file_size_bytes: file_size,
             open_files: OPEN_FILES,
         };
         let mut stages = Vec::new();
         if let Some(argv) = compile {
+            // Compilers and linkers write larger files than programs usually do; the tmpfs size
+            // still bounds them.
             let t = l.compile_wall_time_ms;
-            stages.push(stage("compile", argv, String::new(), t, t));
+            let file_size = self
+                .config
+                .max_limits()
+                .file_size_bytes
+                .max(l.file_size_bytes);
+            stages.push(stage("compile", argv, String::new(), (t, t), file_size));
         }
-        stages.push(stage(
-            "run",
-            run,
-            p.stdin.clone(),
-            l.wall_time_ms,
-            l.cpu_time_ms,
-        ));
+        let times = (l.wall_time_ms, l.cpu_time_ms);
+        stages.push(stage("run", run, p.stdin.clone(), times, l.file_size_bytes));
         Job {
             id: new_id("ex"),
             uid,

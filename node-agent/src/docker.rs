@@ -53,6 +53,7 @@ async fn timed<T>(
     }
 }
 
+const CPU_PERIOD_US: i64 = 10_000;
 const SHORT: Duration = Duration::from_secs(10);
 const START: Duration = Duration::from_secs(30);
 const BUILD: Duration = Duration::from_secs(1_800);
@@ -66,7 +67,7 @@ pub struct SandboxSpec {
     pub kind: &'static str,
     pub supervisor: String,
     pub memory_bytes: u64,
-    pub nano_cpus: i64,
+    pub cpus: f64,
     pub pids: i64,
     pub scratch_bytes: u64,
     pub file_size_bytes: u64,
@@ -218,7 +219,10 @@ impl Docker {
             shm_size: Some(16 << 20),
             memory: Some(spec.memory_bytes as i64),
             memory_swap: Some(spec.memory_bytes as i64),
-            nano_cpus: Some(spec.nano_cpus),
+            // A 10 ms CFS period (Docker's default is 100 ms): when a job exhausts the quota,
+            // the supervisor in the same cgroup waits at most one short period to kill it.
+            cpu_period: Some(CPU_PERIOD_US),
+            cpu_quota: Some((spec.cpus * CPU_PERIOD_US as f64).round().max(1_000.0) as i64),
             pids_limit: Some(spec.pids),
             ulimits: Some(vec![
                 ulimit("nofile", spec.open_files),

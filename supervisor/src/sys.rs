@@ -298,6 +298,9 @@ unsafe fn child(
             fail(2);
         }
     }
+    // Below the supervisor's priority, so PID 1 gets the CPU it needs to enforce limits even
+    // when the job saturates the container's quota. Only a privileged process could undo it.
+    libc::setpriority(libc::PRIO_PROCESS, 0, 5);
     if libc::chdir(exec.workdir.as_ptr()) < 0 {
         fail(3);
     }
