@@ -33,6 +33,8 @@ const OPEN_FILES: u64 = 256;
 const ANSWER_MARGIN: Duration = Duration::from_secs(10);
 /// Container starts under way at once (each costs the engine real CPU).
 const PARALLEL_STARTS: usize = 2;
+/// How long a `recycled` job waits for a sandbox being reset before starting a cold one.
+const RESET_WAIT: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Clone)]
 pub enum ImageStatus {
@@ -69,6 +71,8 @@ pub struct Agent {
     /// Set once the orphans of an earlier run are gone and the agent may create containers.
     pub started: AtomicBool,
     pub refill: Notify,
+    /// Woken whenever a reset sandbox is back in a pool.
+    returned: Notify,
 }
 
 /// A slot held by one job; freed on drop.
@@ -126,6 +130,7 @@ impl Agent {
             docker_ok: AtomicBool::new(false),
             started: AtomicBool::new(false),
             refill: Notify::new(),
+            returned: Notify::new(),
         }
     }
 
@@ -329,8 +334,8 @@ impl Agent {
         let slot = self.take_slot().await?;
         let queued = received.elapsed();
         let key = self.pool_key(&prepared.language.name, prepared.limits.memory_bytes);
-        let pooled = self.pools.acquire(&key, prepared.isolation, Instant::now());
-        let (mut sandbox, source) = match pooled {
+        self.pools.begin(&key, Instant::now());
+        let (mut sandbox, source) = match self.warm_sandbox(&key, prepared.isolation).await {
             Some(found) => found,
             None => match self.start_sandbox(&key, "pool").await {
                 Ok(sb) => (sb, Source::Cold),
@@ -357,18 +362,13 @@ impl Agent {
         let within = job_deadline(&prepared.limits);
         let outcome = sandbox.run(job, within).await;
         drop(slot);
-        self.pools.release(&key);
         let response = match outcome {
             Ok(stages) => {
-                let response = respond(
-                    self,
-                    id,
-                    &prepared,
-                    stages,
-                    (received, queued),
-                    source.as_str(),
-                );
-                self.recycle(key, sandbox);
+                let timing = (received, queued);
+                let response = respond(self, id, &prepared, stages, timing, source.as_str());
+                // Start the reset before releasing the key, so the refiller never sees the
+                // sandbox as neither in use nor coming back.
+                self.recycle(key.clone(), sandbox);
                 response
             }
             Err(e) => {
@@ -377,8 +377,31 @@ impl Agent {
                 internal_error(self, id, &prepared, (received, queued), &e.to_string())
             }
         };
+        self.pools.release(&key);
         record(&response, &prepared);
         Ok(response)
+    }
+
+    /// A ready sandbox from the pool: for a `recycled` job a reset one first, waiting a little
+    /// for one being reset (a reset takes milliseconds, a cold start hundreds), then one that
+    /// never ran a job.
+    async fn warm_sandbox(&self, key: &PoolKey, isolation: Isolation) -> Option<(Sandbox, Source)> {
+        if isolation == Isolation::Recycled {
+            let deadline = Instant::now() + RESET_WAIT;
+            loop {
+                // Register interest before looking, so a reset ending in between is not missed.
+                let returned = self.returned.notified();
+                if let Some(sb) = self.pools.take_recycled(key) {
+                    return Some((sb, Source::Warm));
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                if self.pools.resetting(key) == 0 || left.is_zero() {
+                    break;
+                }
+                let _ = tokio::time::timeout(left, returned).await;
+            }
+        }
+        self.pools.take_fresh(key).map(|sb| (sb, Source::Fresh))
     }
 
     /// Resets a used sandbox in the background and pools it again, or removes it.
@@ -386,23 +409,24 @@ impl Agent {
         if sandbox.jobs_run >= self.config.recycle_after || self.draining.load(Ordering::SeqCst) {
             return;
         }
+        self.pools.begin_reset(&key);
         let agent = self.clone();
         tokio::spawn(async move {
-            match sandbox.reset().await {
-                Ok(()) => {
-                    let sizing = agent.sizing(&key);
-                    // Dropping what the pool does not take removes it.
-                    drop(
-                        agent
-                            .pools
-                            .put_recycled(&key, sandbox, sizing, Instant::now()),
-                    );
-                }
+            let clean = match sandbox.reset().await {
+                Ok(()) => Some(sandbox),
                 Err(e) => {
                     metrics::counter!("codefleet_sandbox_reset_failures_total").increment(1);
                     tracing::warn!(container = %sandbox.id, error = %e, "reset failed; discarding the sandbox");
+                    None
                 }
-            }
+            };
+            // Dropping what the pool does not take removes it.
+            drop(
+                agent
+                    .pools
+                    .end_reset(&key, clean, agent.sizing(&key), Instant::now()),
+            );
+            agent.returned.notify_waiters();
         });
     }
 

@@ -6,8 +6,6 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use codefleet_shared::Isolation;
-
 use crate::sandbox::Sandbox;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -51,7 +49,8 @@ pub fn target_warm(sizing: Sizing, recent_peak_in_use: u32) -> u32 {
     (recent_peak_in_use + 1).clamp(sizing.min, max)
 }
 
-/// How many fresh sandboxes to start now, given what is ready or on its way.
+/// How many fresh sandboxes to start now, given what is ready or on its way (`recycled`
+/// counts the recycled ones ready, being reset, and in use).
 pub fn to_start(target: u32, fresh: u32, recycled: u32, starting: u32) -> u32 {
     let have = fresh + recycled + starting;
     let want_total = target.saturating_sub(have);
@@ -71,6 +70,7 @@ struct Entry {
     fresh: VecDeque<(Sandbox, Instant)>,
     recycled: VecDeque<(Sandbox, Instant)>,
     starting: u32,
+    resetting: u32,
     in_use: u32,
     peak: u32,
     peak_at: Option<Instant>,
@@ -97,14 +97,8 @@ pub struct Refill {
 }
 
 impl Pools {
-    /// Takes a ready sandbox for `isolation`, if one is there; counts the key as in use either
-    /// way (the caller starts a cold one when this returns `None`).
-    pub fn acquire(
-        &self,
-        key: &PoolKey,
-        isolation: Isolation,
-        now: Instant,
-    ) -> Option<(Sandbox, Source)> {
+    /// Counts one more job using `key` (for sizing); pair with `release`.
+    pub fn begin(&self, key: &PoolKey, now: Instant) {
         let mut entries = self.entries.lock().expect("pool lock");
         let entry = entries.entry(key.clone()).or_default();
         entry.in_use += 1;
@@ -112,12 +106,50 @@ impl Pools {
             entry.peak = entry.in_use;
             entry.peak_at = Some(now);
         }
-        if isolation == Isolation::Recycled {
-            if let Some((sb, _)) = entry.recycled.pop_back() {
-                return Some((sb, Source::Warm));
-            }
+    }
+
+    /// Takes the most recently reset sandbox, if one is ready.
+    pub fn take_recycled(&self, key: &PoolKey) -> Option<Sandbox> {
+        let mut entries = self.entries.lock().expect("pool lock");
+        entries.get_mut(key)?.recycled.pop_back().map(|(sb, _)| sb)
+    }
+
+    /// Takes a sandbox that never ran a job, if one is ready.
+    pub fn take_fresh(&self, key: &PoolKey) -> Option<Sandbox> {
+        let mut entries = self.entries.lock().expect("pool lock");
+        entries.get_mut(key)?.fresh.pop_front().map(|(sb, _)| sb)
+    }
+
+    /// Sandboxes of `key` being reset right now (each will be back in a few milliseconds).
+    pub fn resetting(&self, key: &PoolKey) -> u32 {
+        let entries = self.entries.lock().expect("pool lock");
+        entries.get(key).map_or(0, |e| e.resetting)
+    }
+
+    pub fn begin_reset(&self, key: &PoolKey) {
+        let mut entries = self.entries.lock().expect("pool lock");
+        entries.entry(key.clone()).or_default().resetting += 1;
+    }
+
+    /// A reset finished; `sandbox` is the clean sandbox to pool, or `None` when it failed. Gives
+    /// the sandbox back when the pool is full.
+    pub fn end_reset(
+        &self,
+        key: &PoolKey,
+        sandbox: Option<Sandbox>,
+        sizing: Sizing,
+        now: Instant,
+    ) -> Option<Sandbox> {
+        let mut entries = self.entries.lock().expect("pool lock");
+        let entry = entries.entry(key.clone()).or_default();
+        entry.resetting = entry.resetting.saturating_sub(1);
+        let sandbox = sandbox?;
+        let held = (entry.fresh.len() + entry.recycled.len()) as u32;
+        if held >= sizing.max {
+            return Some(sandbox);
         }
-        entry.fresh.pop_front().map(|(sb, _)| (sb, Source::Fresh))
+        entry.recycled.push_back((sandbox, now));
+        None
     }
 
     /// The job that acquired from `key` is done with its sandbox (returned or not).
@@ -126,24 +158,6 @@ impl Pools {
         if let Some(e) = entries.get_mut(key) {
             e.in_use = e.in_use.saturating_sub(1);
         }
-    }
-
-    /// Puts a reset sandbox back; gives it back when the pool is full.
-    pub fn put_recycled(
-        &self,
-        key: &PoolKey,
-        sandbox: Sandbox,
-        sizing: Sizing,
-        now: Instant,
-    ) -> Option<Sandbox> {
-        let mut entries = self.entries.lock().expect("pool lock");
-        let entry = entries.entry(key.clone()).or_default();
-        let held = (entry.fresh.len() + entry.recycled.len()) as u32;
-        if held >= sizing.max {
-            return Some(sandbox);
-        }
-        entry.recycled.push_back((sandbox, now));
-        None
     }
 
     pub fn put_fresh(&self, key: &PoolKey, sandbox: Sandbox, now: Instant) {
@@ -176,12 +190,9 @@ impl Pools {
         let mut idle = Vec::new();
         for (key, entry) in entries.iter_mut() {
             let target = target_warm(sizing_of(key), entry.recent_peak(now));
-            let start = to_start(
-                target,
-                entry.fresh.len() as u32,
-                entry.recycled.len() as u32,
-                entry.starting,
-            );
+            // Sandboxes in use or being reset come back to the pool: they count as supply.
+            let returning = entry.recycled.len() as u32 + entry.resetting + entry.in_use;
+            let start = to_start(target, entry.fresh.len() as u32, returning, entry.starting);
             if start > 0 {
                 entry.starting += start;
                 refills.push(Refill {
