@@ -1,0 +1,217 @@
+//! codefleet's gateway: the public API of `api.md`, spreading jobs over node agents with
+//! bounded-load consistent hashing on the language.
+//!
+//! - `config`: flags and `CODEFLEET_*` variables.
+//! - `edge`: API keys, quotas, the cluster token, body size and depth limits.
+//! - `handlers`: one function per endpoint; parse at the edge, then act.
+//! - `membership`: agents' reports, ready/draining/down, and the snapshot requests read.
+//! - `routing`: the pure routing decision (no I/O, no clock).
+//! - `dispatch`: the pooled client to agents, waiting for room, retries, `node_lost`.
+//! - `error`: every failure and its problem+json answer.
+//! - `metrics`: what `/metrics` exports.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod dispatch;
+pub mod edge;
+pub mod error;
+mod handlers;
+pub mod membership;
+pub mod metrics;
+pub mod routing;
+
+use std::future::Future;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use codefleet_shared::cluster::{CapacityReport, NodeInfo, NodeState};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+
+pub use config::Config;
+pub use error::GatewayError;
+pub use handlers::router;
+
+use dispatch::Dispatcher;
+use edge::Keys;
+use membership::{Membership, NodeHandle, Snapshot};
+
+/// The gateway's shared state: one per process, behind an `Arc`, handed to every handler.
+pub struct Gateway {
+    config: Config,
+    keys: Keys,
+    membership: Mutex<Membership>,
+    /// The current snapshot; rebuilt under the membership lock and swapped whole.
+    snapshot: RwLock<Arc<Snapshot>>,
+    dispatcher: Dispatcher,
+    /// Notified whenever a node may have room again, for jobs waiting for one.
+    freed: Arc<Notify>,
+    metrics: PrometheusHandle,
+}
+
+impl Gateway {
+    /// Checks `config` and builds the state. Starts no task: [`serve`] does.
+    pub fn new(config: Config) -> anyhow::Result<Arc<Gateway>> {
+        let config = config.validate()?;
+        Ok(Arc::new(Gateway {
+            keys: Keys::new(&config, Instant::now()),
+            membership: Mutex::new(Membership::new(
+                config.report_interval(),
+                config.missed_reports,
+            )),
+            snapshot: RwLock::new(Arc::new(Snapshot::empty(config.vnodes))),
+            dispatcher: Dispatcher::new(&config)?,
+            freed: Arc::new(Notify::new()),
+            metrics: metrics::handle(),
+            config,
+        }))
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The snapshot requests route on.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        Arc::clone(&self.snapshot.read().expect("snapshot lock"))
+    }
+
+    /// Takes an agent's capacity report, received at `now`.
+    pub fn report(&self, report: CapacityReport, now: Instant) -> Result<(), GatewayError> {
+        let mut membership = self.membership();
+        if membership.report(report, now)? {
+            self.publish(&membership);
+        }
+        // Its busy count may have dropped: waiting jobs look again.
+        self.freed.notify_waiters();
+        Ok(())
+    }
+
+    /// Marks down the nodes that missed too many reports by `now`.
+    pub fn sweep(&self, now: Instant) {
+        let mut membership = self.membership();
+        if membership.sweep(now) {
+            self.publish(&membership);
+        }
+    }
+
+    /// Stops routing new work to `id`. Returns the node, to tell its agent.
+    pub fn drain(&self, id: &str) -> Result<Arc<NodeHandle>, GatewayError> {
+        let mut membership = self.membership();
+        let node = membership.drain(id).ok_or_else(|| no_node(id))?;
+        self.publish(&membership);
+        Ok(node)
+    }
+
+    /// Forgets `id` (it registers again if it reports again).
+    pub fn remove(&self, id: &str) -> Result<(), GatewayError> {
+        let mut membership = self.membership();
+        if !membership.remove(id) {
+            return Err(no_node(id));
+        }
+        self.publish(&membership);
+        Ok(())
+    }
+
+    /// `GET /v1/nodes`.
+    pub fn nodes(&self) -> Vec<NodeInfo> {
+        let shares = self.snapshot().table.shares();
+        self.membership().node_infos(&shares)
+    }
+
+    /// A node by id, for requests bound to it.
+    pub fn node(&self, id: &str) -> Option<(Arc<NodeHandle>, NodeState)> {
+        self.membership().node(id)
+    }
+
+    fn mark_unreachable(&self, node: &NodeHandle) {
+        let mut membership = self.membership();
+        if membership.mark_unreachable(node) {
+            tracing::warn!(node = %node.id, "node refused a connection; skipped until it reports");
+            self.publish(&membership);
+        }
+    }
+
+    fn membership(&self) -> std::sync::MutexGuard<'_, Membership> {
+        self.membership.lock().expect("membership lock")
+    }
+
+    /// Rebuilds the snapshot from `membership` (whose lock the caller holds) and swaps it in.
+    fn publish(&self, membership: &Membership) {
+        let next = Arc::new(membership.snapshot(&self.snapshot()));
+        *self.snapshot.write().expect("snapshot lock") = next;
+        metrics::ring_members(
+            [NodeState::Ready, NodeState::Draining, NodeState::Down]
+                .map(|state| (state, membership.count(state))),
+        );
+        self.freed.notify_waiters();
+    }
+}
+
+fn no_node(id: &str) -> GatewayError {
+    GatewayError::NotFound(format!("no node {id:?}"))
+}
+
+/// Serves the gateway on `listener` until `shutdown` resolves, then lets open requests finish.
+/// Also runs the housekeeping: marking silent nodes down, and metrics upkeep.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let gw = Gateway::new(config)?;
+    let app = router(Arc::clone(&gw));
+    let housekeeping = tokio::spawn(housekeeping(Arc::clone(&gw)));
+    let header_timeout = Duration::from_secs(gw.config.header_timeout_s);
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    tracing::info!(address = %listener.local_addr()?, "gateway listening");
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_timeout)
+            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    tracing::info!("shutting down: waiting for open requests");
+    housekeeping.abort();
+    graceful.shutdown().await;
+    Ok(())
+}
+
+async fn housekeeping(gw: Arc<Gateway>) {
+    let tick = (gw.config.report_interval() / 4).max(Duration::from_millis(10));
+    let mut ticker = tokio::time::interval(tick);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_upkeep = Instant::now();
+    loop {
+        ticker.tick().await;
+        gw.sweep(Instant::now());
+        if last_upkeep.elapsed() >= Duration::from_secs(5) {
+            gw.metrics.run_upkeep();
+            last_upkeep = Instant::now();
+        }
+    }
+}

@@ -191,7 +191,10 @@ impl Api {
 /// Options for an agent started by a test.
 #[derive(Clone)]
 pub struct AgentOpts {
+    /// Languages the test waits for (and, by default, the only ones enabled).
     pub languages: Vec<&'static str>,
+    /// Pass `--enable` with `languages` (otherwise the whole catalog is served).
+    pub enable_only_these: bool,
     pub args: Vec<String>,
 }
 
@@ -199,6 +202,7 @@ impl AgentOpts {
     pub fn languages(languages: &[&'static str]) -> AgentOpts {
         AgentOpts {
             languages: languages.to_vec(),
+            enable_only_these: true,
             args: vec!["--pool-min".into(), "1".into()],
         }
     }
@@ -222,9 +226,11 @@ impl AgentOpts {
             listen.into(),
             "--node-id".into(),
             node.into(),
-            "--enable".into(),
-            self.languages.join(","),
         ];
+        if self.enable_only_these {
+            argv.push("--enable".into());
+            argv.push(self.languages.join(","));
+        }
         argv.extend(self.args.iter().cloned());
         argv
     }

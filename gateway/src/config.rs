@@ -1,0 +1,253 @@
+//! The gateway's configuration: one struct, from flags or `CODEFLEET_*` environment variables,
+//! checked once by [`Config::validate`] before anything starts.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use codefleet_shared::ResolvedLimits;
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "codefleet-gateway",
+    version,
+    about = "codefleet gateway: the public API, spreading jobs over node agents"
+)]
+pub struct Config {
+    /// Address to serve the public API on.
+    #[arg(long, env = "CODEFLEET_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Also run a node agent in-process on the local Docker engine.
+    #[arg(long, env = "CODEFLEET_DEV")]
+    pub dev: bool,
+
+    /// Token that agents present on reports, and that the gateway presents to agents.
+    #[arg(long, env = "CODEFLEET_CLUSTER_TOKEN", hide_env_values = true)]
+    pub cluster_token: Option<String>,
+
+    /// An API key clients present as `Authorization: Bearer <key>` (repeatable). With no key
+    /// configured, `/v1/*` is open.
+    #[arg(
+        long = "api-key",
+        env = "CODEFLEET_API_KEY",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_keys: Vec<String>,
+
+    /// A file of API keys, one a line; blank lines and lines starting with `#` are skipped.
+    #[arg(long, env = "CODEFLEET_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+
+    /// The key for `/v1/nodes*` (also a client key when API keys are set). Without it, those
+    /// routes are open only when no API key is set.
+    #[arg(long, env = "CODEFLEET_ADMIN_KEY", hide_env_values = true)]
+    pub admin_key: Option<String>,
+
+    /// Requests per second each key may make, on average (token bucket refill rate).
+    #[arg(long, env = "CODEFLEET_RATE_PER_S", default_value_t = 100.0)]
+    pub rate_per_s: f64,
+
+    /// Requests each key may make in a burst (token bucket size).
+    #[arg(long, env = "CODEFLEET_BURST", default_value_t = 200)]
+    pub burst: u32,
+
+    /// Requests each key may have in flight at once.
+    #[arg(long, env = "CODEFLEET_MAX_CONCURRENT_PER_KEY", default_value_t = 32)]
+    pub max_concurrent_per_key: u32,
+
+    /// Bounded-load factor `c`: no node gets more than `c` times the average load.
+    #[arg(long, env = "CODEFLEET_BALANCE_FACTOR", default_value_t = 1.25)]
+    pub balance_factor: f64,
+
+    /// Virtual nodes per node on the hash ring.
+    #[arg(long, env = "CODEFLEET_VNODES", default_value_t = 160)]
+    pub vnodes: usize,
+
+    /// Milliseconds between an agent's capacity reports.
+    #[arg(long, env = "CODEFLEET_REPORT_INTERVAL_MS", default_value_t = 1_000)]
+    pub report_interval_ms: u64,
+
+    /// Reports a node may miss before it is marked down.
+    #[arg(long, env = "CODEFLEET_MISSED_REPORTS", default_value_t = 3)]
+    pub missed_reports: u32,
+
+    /// Largest request body, bytes (413 above).
+    #[arg(long, env = "CODEFLEET_MAX_BODY_BYTES", default_value_t = 2 << 20)]
+    pub max_body_bytes: usize,
+
+    /// Deepest JSON nesting accepted in a request body.
+    #[arg(long, env = "CODEFLEET_MAX_JSON_DEPTH", default_value_t = 32)]
+    pub max_json_depth: usize,
+
+    /// How long a job may wait at the gateway for a node with room before 503 no_capacity.
+    #[arg(long, env = "CODEFLEET_QUEUE_WAIT_MS", default_value_t = 2_000)]
+    pub queue_wait_ms: u64,
+
+    /// Nodes tried per job, at most (retries happen only when a node cannot have started it).
+    #[arg(long, env = "CODEFLEET_MAX_ATTEMPTS", default_value_t = 3)]
+    pub max_attempts: u32,
+
+    /// Added to a job's own time limits to get the gateway's timeout for the agent's answer.
+    #[arg(long, env = "CODEFLEET_DISPATCH_MARGIN_MS", default_value_t = 5_000)]
+    pub dispatch_margin_ms: u64,
+
+    /// Seconds a client has to send its request headers.
+    #[arg(long, env = "CODEFLEET_HEADER_TIMEOUT_S", default_value_t = 10)]
+    pub header_timeout_s: u64,
+
+    /// Maxima a request's limits may ask for (400 limit_exceeds_max above).
+    #[arg(long, env = "CODEFLEET_MAX_WALL_TIME_MS", default_value_t = ResolvedLimits::MAX.wall_time_ms)]
+    pub max_wall_time_ms: u64,
+    #[arg(long, env = "CODEFLEET_MAX_CPU_TIME_MS", default_value_t = ResolvedLimits::MAX.cpu_time_ms)]
+    pub max_cpu_time_ms: u64,
+    #[arg(long, env = "CODEFLEET_MAX_COMPILE_WALL_TIME_MS", default_value_t = ResolvedLimits::MAX.compile_wall_time_ms)]
+    pub max_compile_wall_time_ms: u64,
+    #[arg(long, env = "CODEFLEET_MAX_MEMORY_BYTES", default_value_t = ResolvedLimits::MAX.memory_bytes)]
+    pub max_memory_bytes: u64,
+    #[arg(long, env = "CODEFLEET_MAX_PROCESSES", default_value_t = ResolvedLimits::MAX.processes)]
+    pub max_processes: u64,
+    #[arg(long, env = "CODEFLEET_MAX_OUTPUT_BYTES", default_value_t = ResolvedLimits::MAX.output_bytes)]
+    pub max_output_bytes: u64,
+    #[arg(long, env = "CODEFLEET_MAX_FILE_SIZE_BYTES", default_value_t = ResolvedLimits::MAX.file_size_bytes)]
+    pub max_file_size_bytes: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{flag} {why}")]
+    Invalid { flag: &'static str, why: String },
+    #[error("cannot read the API keys file {path}: {source}")]
+    KeysFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl Default for Config {
+    /// Every default, as if started with no flag (environment variables still apply).
+    fn default() -> Config {
+        Config::parse_from(["codefleet-gateway"])
+    }
+}
+
+impl Config {
+    /// Checks every value and reads the API keys file into `api_keys`.
+    pub fn validate(mut self) -> Result<Config, ConfigError> {
+        let bad = |flag, why: &str| {
+            Err(ConfigError::Invalid {
+                flag,
+                why: why.to_string(),
+            })
+        };
+        if let Some(path) = self.api_keys_file.take() {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|source| ConfigError::KeysFile { path, source })?;
+            let keys = text.lines().map(str::trim);
+            self.api_keys.extend(
+                keys.filter(|k| !k.is_empty() && !k.starts_with('#'))
+                    .map(String::from),
+            );
+        }
+        let keys = self.api_keys.iter().chain(&self.admin_key);
+        if keys.chain(&self.cluster_token).any(|k| k.trim().is_empty()) {
+            return bad("--api-key/--admin-key/--cluster-token", "must not be empty");
+        }
+        if !(self.balance_factor.is_finite() && self.balance_factor >= 1.0) {
+            return bad("--balance-factor", "must be a number of at least 1.0");
+        }
+        if !(1..=1024).contains(&self.vnodes) {
+            return bad("--vnodes", "must be between 1 and 1024");
+        }
+        if !(self.rate_per_s.is_finite() && self.rate_per_s > 0.0) {
+            return bad("--rate-per-s", "must be positive");
+        }
+        let positive = [
+            ("--burst", u64::from(self.burst)),
+            (
+                "--max-concurrent-per-key",
+                self.max_concurrent_per_key.into(),
+            ),
+            ("--report-interval-ms", self.report_interval_ms),
+            ("--missed-reports", self.missed_reports.into()),
+            ("--max-body-bytes", self.max_body_bytes as u64),
+            ("--max-json-depth", self.max_json_depth as u64),
+            ("--max-attempts", self.max_attempts.into()),
+            ("--header-timeout-s", self.header_timeout_s),
+        ];
+        if let Some((flag, _)) = positive.into_iter().find(|(_, v)| *v == 0) {
+            return bad(flag, "must be positive");
+        }
+        if self.max_limits().wall_time_ms == 0 || self.max_limits().compile_wall_time_ms == 0 {
+            return bad("--max-*-ms", "must be positive");
+        }
+        Ok(self)
+    }
+
+    /// The maxima a request's limits are checked against.
+    pub fn max_limits(&self) -> ResolvedLimits {
+        ResolvedLimits {
+            wall_time_ms: self.max_wall_time_ms,
+            cpu_time_ms: self.max_cpu_time_ms,
+            compile_wall_time_ms: self.max_compile_wall_time_ms,
+            memory_bytes: self.max_memory_bytes,
+            processes: self.max_processes,
+            output_bytes: self.max_output_bytes,
+            file_size_bytes: self.max_file_size_bytes,
+        }
+    }
+
+    pub fn report_interval(&self) -> Duration {
+        Duration::from_millis(self.report_interval_ms)
+    }
+
+    pub fn queue_wait(&self) -> Duration {
+        Duration::from_millis(self.queue_wait_ms)
+    }
+
+    pub fn dispatch_margin(&self) -> Duration {
+        Duration::from_millis(self.dispatch_margin_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+        let argv = std::iter::once("codefleet-gateway").chain(args.iter().copied());
+        Config::try_parse_from(argv).unwrap().validate()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let config = parse(&[]).unwrap();
+        assert_eq!(config.balance_factor, 1.25);
+        assert!((100..=200).contains(&config.vnodes));
+        assert_eq!(config.max_limits(), ResolvedLimits::MAX);
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        for args in [
+            &["--balance-factor", "0.9"][..],
+            &["--vnodes", "0"],
+            &["--missed-reports", "0"],
+            &["--rate-per-s", "0"],
+            &["--api-key", ""],
+        ] {
+            assert!(parse(args).is_err(), "{args:?}");
+        }
+    }
+
+    #[test]
+    fn reads_keys_file() {
+        let path = std::env::temp_dir().join(format!("cf-gw-keys-{}", std::process::id()));
+        std::fs::write(&path, "# clients\nk1\n\n  k2  \n").unwrap();
+        let config = parse(&["--api-key", "k0", "--api-keys-file", path.to_str().unwrap()]);
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(config.unwrap().api_keys, ["k0", "k1", "k2"]);
+    }
+}

@@ -1,0 +1,494 @@
+//! Dispatch: sending a job to a node over one pooled HTTP client, racing the answer against the
+//! node being lost, waiting a bounded time when every node is full, and trying the next node only
+//! when the previous one cannot have started the job.
+
+use std::error::Error as _;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::http::{header, Method, StatusCode};
+use codefleet_shared::{ErrorCode, Problem, ResolvedLimits};
+use tokio::time::Instant;
+
+use crate::error::GatewayError;
+use crate::membership::NodeHandle;
+use crate::metrics;
+use crate::routing::{Decision, NodeId, Want};
+use crate::{Config, Gateway};
+
+/// How long to wait for a TCP connection to an agent; failing to connect is always safe to retry.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The gateway's one HTTP client to agents (pooled keep-alive connections, no TLS, no proxy).
+pub struct Dispatcher {
+    client: reqwest::Client,
+    cluster_token: Option<String>,
+    budget: RetryBudget,
+}
+
+/// An agent's answer, whatever its status.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub body: Bytes,
+    retry_after: Option<u64>,
+}
+
+impl Reply {
+    /// The answer's problem body, with its `Retry-After`, if it is one.
+    fn problem(&self) -> Option<Problem> {
+        let mut problem: Problem = serde_json::from_slice(&self.body).ok()?;
+        problem.retry_after_s = self.retry_after.or(problem.code.default_retry_after());
+        Some(problem)
+    }
+
+    /// The body when the status is `expected`; otherwise the agent's problem, passed on.
+    pub fn expect(self, expected: StatusCode, node: &NodeId) -> Result<Bytes, GatewayError> {
+        if self.status == expected {
+            return Ok(self.body);
+        }
+        let node = node.to_string();
+        match self.problem() {
+            Some(problem) if problem.code == ErrorCode::Unauthorized => {
+                Err(GatewayError::BadAnswer {
+                    node,
+                    detail: "it rejected this gateway's cluster token".to_string(),
+                })
+            }
+            Some(problem) => Err(GatewayError::Agent { node, problem }),
+            None => Err(GatewayError::BadAnswer {
+                node,
+                detail: format!("status {} without a problem body", self.status),
+            }),
+        }
+    }
+}
+
+/// Why one attempt on one node failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AttemptError {
+    /// No connection could be made: the request never left.
+    #[error("could not connect: {0}")]
+    Refused(String),
+    /// The agent answered 503 `no_capacity` or `language_unavailable`: it did not start the job.
+    #[error("{}", .0.detail)]
+    Busy(Problem),
+    /// The request was sent and then the connection failed, or membership lost the node.
+    #[error("{0}")]
+    Lost(String),
+    #[error("no answer within {0:?}")]
+    TimedOut(Duration),
+}
+
+impl AttemptError {
+    /// True when the node cannot have started the job, so another node may run it.
+    pub fn not_started(&self) -> bool {
+        matches!(self, AttemptError::Refused(_) | AttemptError::Busy(_))
+    }
+
+    fn reason(&self) -> &'static str {
+        match self {
+            AttemptError::Refused(_) => "refused",
+            AttemptError::Busy(p) if p.code == ErrorCode::LanguageUnavailable => {
+                "language_unavailable"
+            }
+            AttemptError::Busy(_) => "no_capacity",
+            AttemptError::Lost(_) => "lost",
+            AttemptError::TimedOut(_) => "timeout",
+        }
+    }
+
+    /// The answer for a job that ends with this error on `node`.
+    fn into_error(self, node: &NodeId) -> GatewayError {
+        let node = node.to_string();
+        match self {
+            AttemptError::Refused(reason) => GatewayError::NoCapacity {
+                detail: format!("no node could take the job; the last, {node}, {reason}"),
+            },
+            AttemptError::Busy(problem) => GatewayError::Agent { node, problem },
+            lost @ (AttemptError::Lost(_) | AttemptError::TimedOut(_)) => GatewayError::NodeLost {
+                node,
+                reason: lost.to_string(),
+            },
+        }
+    }
+}
+
+impl Dispatcher {
+    pub fn new(config: &Config) -> Result<Dispatcher, reqwest::Error> {
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build()?;
+        Ok(Dispatcher {
+            client,
+            cluster_token: config.cluster_token.clone(),
+            budget: RetryBudget::new(),
+        })
+    }
+
+    /// One call to one node. Ends as soon as the answer is in, the connection fails, `timeout`
+    /// passes, or membership declares the node lost, whichever comes first.
+    pub async fn call(
+        &self,
+        node: &NodeHandle,
+        method: Method,
+        path: &str,
+        body: Option<Bytes>,
+        timeout: Duration,
+    ) -> Result<Reply, AttemptError> {
+        if node.is_lost() {
+            return Err(AttemptError::Refused("the node is down".to_string()));
+        }
+        let mut request = self
+            .client
+            .request(method, format!("{}{path}", node.address))
+            .timeout(timeout);
+        if let Some(token) = &self.cluster_token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(body);
+        }
+        let exchange = async {
+            let response = request.send().await.map_err(|e| classify(e, timeout))?;
+            let status = response.status();
+            let retry_after = response
+                .headers()
+                .get(header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok()?.parse().ok());
+            let body = response.bytes().await.map_err(|e| classify(e, timeout))?;
+            Ok(Reply {
+                status,
+                body,
+                retry_after,
+            })
+        };
+        let reply = tokio::select! {
+            reply = exchange => reply?,
+            () = node.lost() => {
+                return Err(AttemptError::Lost("the node stopped reporting".to_string()));
+            }
+        };
+        if reply.status == StatusCode::SERVICE_UNAVAILABLE {
+            if let Some(problem) = reply.problem() {
+                if matches!(
+                    problem.code,
+                    ErrorCode::NoCapacity | ErrorCode::LanguageUnavailable
+                ) {
+                    return Err(AttemptError::Busy(problem));
+                }
+            }
+        }
+        Ok(reply)
+    }
+}
+
+/// Sorts a client error by whether the request can have reached the agent.
+fn classify(error: reqwest::Error, timeout: Duration) -> AttemptError {
+    if error.is_timeout() && !error.is_connect() {
+        return AttemptError::TimedOut(timeout);
+    }
+    let mut detail = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        detail = format!("{detail}: {cause}");
+        source = cause.source();
+    }
+    if error.is_connect() {
+        AttemptError::Refused(detail)
+    } else {
+        AttemptError::Lost(detail)
+    }
+}
+
+/// Retries allowed across all jobs: one for every five jobs, plus a reserve of ten, so that a
+/// cluster of failing nodes cannot multiply the load on the rest. Counted in fifths of a retry.
+pub struct RetryBudget {
+    fifths: AtomicU32,
+}
+
+impl RetryBudget {
+    const RESERVE: u32 = 10 * 5;
+    const CAP: u32 = 100 * 5;
+
+    pub fn new() -> RetryBudget {
+        RetryBudget {
+            fifths: AtomicU32::new(Self::RESERVE),
+        }
+    }
+
+    /// Every job adds a fifth of a retry.
+    pub fn deposit(&self) {
+        let _ = self
+            .fifths
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |f| {
+                Some((f + 1).min(Self::CAP))
+            });
+    }
+
+    /// Takes one retry, if the budget has one.
+    pub fn withdraw(&self) -> bool {
+        self.fifths
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |f| f.checked_sub(5))
+            .is_ok()
+    }
+}
+
+impl Default for RetryBudget {
+    fn default() -> RetryBudget {
+        RetryBudget::new()
+    }
+}
+
+/// The gateway's timeout for a job's answer: its compile and run time limits plus a margin.
+pub fn job_timeout(limits: &ResolvedLimits, margin: Duration) -> Duration {
+    Duration::from_millis(limits.compile_wall_time_ms + limits.wall_time_ms) + margin
+}
+
+/// A job to place on some node that has its language ready.
+pub struct Job<'a> {
+    pub language: &'a str,
+    pub version: Option<&'a str>,
+    /// Agent path, e.g. `/v1/execute`.
+    pub path: &'static str,
+    pub body: Bytes,
+    pub timeout: Duration,
+}
+
+/// Where and how a job ran.
+pub struct Placed {
+    pub reply: Reply,
+    pub node: NodeId,
+    pub attempts: u32,
+    /// Time spent waiting at the gateway for a node with room.
+    pub waited: Duration,
+}
+
+/// Places `job`: routes it, waits up to `--queue-wait-ms` while every candidate is full, sends
+/// it, and moves on to the next candidate only when a node could not have started it.
+pub async fn place(gw: &Gateway, job: Job<'_>) -> Result<Placed, GatewayError> {
+    let config = gw.config();
+    let deadline = Instant::now() + config.queue_wait();
+    let mut waited = Duration::ZERO;
+    let mut tried: Vec<NodeId> = Vec::new();
+    let mut last_failure: Option<(NodeId, AttemptError)> = None;
+    gw.dispatcher.budget.deposit();
+    loop {
+        // Registered before routing looks at the loads, so a slot freed meanwhile is not missed.
+        let freed = gw.freed.notified();
+        let mut freed = std::pin::pin!(freed);
+        freed.as_mut().enable();
+
+        let snapshot = gw.snapshot();
+        let started = std::time::Instant::now();
+        let want = Want {
+            language: job.language,
+            version: job.version,
+            exclude: &tried,
+        };
+        let decision = snapshot
+            .table
+            .choose(&want, config.balance_factor, |node| node.load());
+        metrics::routing_decision(started.elapsed());
+        let node = match decision {
+            Decision::Node(entry) => Arc::clone(&entry.load),
+            Decision::Unavailable => {
+                return Err(match last_failure {
+                    Some((node, failure)) => failure.into_error(&node),
+                    None => {
+                        metrics::rejection("language_unavailable");
+                        GatewayError::LanguageUnavailable {
+                            language: job.language.to_string(),
+                        }
+                    }
+                });
+            }
+            Decision::Saturated => {
+                let now = Instant::now();
+                if now >= deadline {
+                    metrics::rejection("no_capacity");
+                    return Err(GatewayError::NoCapacity {
+                        detail: format!(
+                            "every node running {} is busy; waited {} ms",
+                            job.language,
+                            waited.as_millis()
+                        ),
+                    });
+                }
+                let _waiting = metrics::waiting();
+                tokio::select! {
+                    () = freed => {}
+                    () = tokio::time::sleep_until(deadline) => {}
+                }
+                waited += now.elapsed();
+                continue;
+            }
+        };
+
+        let inflight = node.begin(Arc::clone(&gw.freed));
+        let result = gw
+            .dispatcher
+            .call(
+                &node,
+                Method::POST,
+                job.path,
+                Some(job.body.clone()),
+                job.timeout,
+            )
+            .await;
+        drop(inflight);
+        tried.push(node.id.clone());
+        let failure = match result {
+            Ok(reply) => {
+                return Ok(Placed {
+                    reply,
+                    node: node.id.clone(),
+                    attempts: tried.len() as u32,
+                    waited,
+                })
+            }
+            Err(failure) => failure,
+        };
+        if matches!(failure, AttemptError::Refused(_)) {
+            gw.mark_unreachable(&node);
+        }
+        let may_retry = failure.not_started()
+            && tried.len() < config.max_attempts as usize
+            && gw.dispatcher.budget.withdraw();
+        if !may_retry {
+            return Err(failure.into_error(&node.id));
+        }
+        tracing::info!(node = %node.id, language = job.language, error = %failure, "trying another node");
+        metrics::retry(failure.reason());
+        last_failure = Some((node.id.clone(), failure));
+    }
+}
+
+/// Sends a request bound to one node (a session's): counted in flight, never sent elsewhere.
+pub async fn call_bound(
+    gw: &Gateway,
+    node: &Arc<NodeHandle>,
+    method: Method,
+    path: &str,
+    body: Option<Bytes>,
+    timeout: Duration,
+) -> Result<Reply, GatewayError> {
+    let _inflight = node.begin(Arc::clone(&gw.freed));
+    let result = gw.dispatcher.call(node, method, path, body, timeout).await;
+    result.map_err(|failure| match failure {
+        AttemptError::Busy(problem) => GatewayError::Agent {
+            node: node.id.to_string(),
+            problem,
+        },
+        // The session lives on this node only: a node that cannot be reached has lost it.
+        lost => GatewayError::NodeLost {
+            node: node.id.to_string(),
+            reason: lost.to_string(),
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_unstarted_attempts_are_retried() {
+        let busy = Problem::new(ErrorCode::NoCapacity, "full");
+        let table = [
+            (
+                AttemptError::Refused("refused".into()),
+                true,
+                ErrorCode::NoCapacity,
+            ),
+            (AttemptError::Busy(busy), true, ErrorCode::NoCapacity),
+            (
+                AttemptError::Lost("reset".into()),
+                false,
+                ErrorCode::NodeLost,
+            ),
+            (
+                AttemptError::TimedOut(Duration::from_secs(1)),
+                false,
+                ErrorCode::NodeLost,
+            ),
+        ];
+        for (failure, retry, code) in table {
+            assert_eq!(failure.not_started(), retry, "{failure:?}");
+            assert_eq!(failure.into_error(&NodeId::new("a")).problem().code, code);
+        }
+    }
+
+    #[test]
+    fn retry_budget_is_a_fifth_of_jobs_plus_a_reserve() {
+        let budget = RetryBudget::new();
+        for _ in 0..10 {
+            assert!(budget.withdraw());
+        }
+        assert!(!budget.withdraw());
+        for _ in 0..4 {
+            budget.deposit();
+        }
+        assert!(!budget.withdraw());
+        budget.deposit();
+        assert!(budget.withdraw());
+        for _ in 0..10_000 {
+            budget.deposit();
+        }
+        let banked = (0..1_000).take_while(|_| budget.withdraw()).count();
+        assert_eq!(banked, 100);
+    }
+
+    #[test]
+    fn timeout_is_limits_plus_margin() {
+        let timeout = job_timeout(&ResolvedLimits::DEFAULT, Duration::from_secs(5));
+        assert_eq!(timeout, Duration::from_secs(20));
+    }
+
+    #[test]
+    fn agent_problems_pass_through_with_retry_after() {
+        let node = NodeId::new("a");
+        let reply = |status: u16, body: &str, retry_after| Reply {
+            status: StatusCode::from_u16(status).unwrap(),
+            body: Bytes::from(body.to_string()),
+            retry_after,
+        };
+        let missing =
+            serde_json::to_string(&Problem::new(ErrorCode::NotFound, "no session")).unwrap();
+        let err = reply(404, &missing, None)
+            .expect(StatusCode::OK, &node)
+            .unwrap_err();
+        assert_eq!(err.problem().code, ErrorCode::NotFound);
+        let busy = serde_json::to_string(&Problem::new(ErrorCode::NoCapacity, "full")).unwrap();
+        let err = reply(503, &busy, Some(7))
+            .expect(StatusCode::OK, &node)
+            .unwrap_err();
+        assert_eq!(err.problem().retry_after_s, Some(7));
+        let err = reply(503, &busy, None)
+            .expect(StatusCode::OK, &node)
+            .unwrap_err();
+        assert_eq!(err.problem().retry_after_s, Some(1));
+        let err = reply(500, "oops", None)
+            .expect(StatusCode::OK, &node)
+            .unwrap_err();
+        assert_eq!(err.problem().code, ErrorCode::Internal);
+        let denied =
+            serde_json::to_string(&Problem::new(ErrorCode::Unauthorized, "token")).unwrap();
+        let err = reply(401, &denied, None)
+            .expect(StatusCode::OK, &node)
+            .unwrap_err();
+        assert_eq!(
+            err.problem().code,
+            ErrorCode::Internal,
+            "a token mismatch is ours"
+        );
+        assert!(reply(200, "{}", None).expect(StatusCode::OK, &node).is_ok());
+    }
+}

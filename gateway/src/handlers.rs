@@ -1,0 +1,335 @@
+//! The HTTP endpoints: the router and one handler per route. Each handler decodes its request
+//! into checked values at the edge (or answers with a problem) and then acts on those.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, State};
+use axum::http::{header, Method, StatusCode};
+use axum::middleware::{from_fn, from_fn_with_state};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use codefleet_shared::cluster::{CapacityReport, NodeState};
+use codefleet_shared::validate::{job_files, resolve_limits};
+use codefleet_shared::{
+    CreateSession, ErrorCode, ExecuteRequest, ExecuteResponse, FileSpec, LanguageInfo, Limits,
+    Problem, ResolvedLimits, SessionInfo,
+};
+use serde_json::json;
+
+use crate::dispatch::{call_bound, job_timeout, place, Job, Placed};
+use crate::edge::{self, JsonBody};
+use crate::error::{problem_response, GatewayError};
+use crate::membership::{valid_node_id, NodeHandle, Snapshot};
+use crate::metrics::{self, LanguageLabel};
+use crate::Gateway;
+
+/// The OpenAPI description of api.md, checked in beside the crate.
+pub const OPENAPI: &str = include_str!("../openapi.json");
+
+/// The gateway's routes. Tests call it with `tower::ServiceExt::oneshot`.
+pub fn router(gw: Arc<Gateway>) -> Router {
+    let public = Router::new()
+        .route("/v1/execute", post(execute))
+        .route("/v1/languages", get(languages))
+        .route("/v1/sessions", post(create_session))
+        .route("/v1/sessions/{id}/execute", post(session_execute))
+        .route("/v1/sessions/{id}", delete(delete_session))
+        .route_layer(from_fn_with_state(Arc::clone(&gw), edge::client_auth));
+    let admin = Router::new()
+        .route("/v1/nodes", get(list_nodes))
+        .route("/v1/nodes/{id}/drain", post(drain_node))
+        .route("/v1/nodes/{id}", delete(remove_node))
+        .route_layer(from_fn_with_state(Arc::clone(&gw), edge::admin_auth));
+    let internal = Router::new()
+        .route("/v1/internal/reports", post(report))
+        .route_layer(from_fn_with_state(Arc::clone(&gw), edge::cluster_auth));
+    Router::new()
+        .merge(public)
+        .merge(admin)
+        .merge(internal)
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .route("/openapi.json", get(openapi))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(from_fn(metrics::track))
+        .with_state(gw)
+}
+
+/// Name given to a lone `source` while checking it; the agent names it for the language.
+const PLACEHOLDER_FILE_NAME: &str = "main";
+
+/// The input rules an agent would apply, checked here so bad input never leaves the gateway.
+/// Returns the limits the job will run with.
+fn check_job(
+    gw: &Gateway,
+    source: Option<&str>,
+    files: Option<&[FileSpec]>,
+    limits: Option<&Limits>,
+) -> Result<ResolvedLimits, GatewayError> {
+    job_files(source, files, PLACEHOLDER_FILE_NAME).map_err(GatewayError::Invalid)?;
+    check_limits(gw, limits)
+}
+
+fn check_limits(gw: &Gateway, limits: Option<&Limits>) -> Result<ResolvedLimits, GatewayError> {
+    let max = gw.config().max_limits();
+    resolve_limits(limits, &ResolvedLimits::DEFAULT, &max).map_err(GatewayError::Invalid)
+}
+
+/// The canonical language a request names, and its version prefix.
+fn resolve_language<'s>(
+    snapshot: &'s Snapshot,
+    language: Option<&str>,
+    version: Option<&str>,
+) -> Result<&'s LanguageInfo, GatewayError> {
+    let language = language
+        .filter(|l| !l.is_empty())
+        .ok_or_else(|| GatewayError::invalid("`language` is required"))?;
+    if snapshot.catalog.is_empty() {
+        // No agent has reported yet: nothing is known, so nothing is unknown either.
+        metrics::rejection("language_unavailable");
+        return Err(GatewayError::LanguageUnavailable {
+            language: language.to_string(),
+        });
+    }
+    snapshot.catalog.resolve(language, version)
+}
+
+/// Tags the answer with the canonical language for the request metrics.
+fn labelled(language: Option<String>, result: Result<Response, GatewayError>) -> Response {
+    let mut response = result.into_response();
+    if let Some(language) = language {
+        response.extensions_mut().insert(LanguageLabel(language));
+    }
+    response
+}
+
+/// An agent's execute answer, completed with where and how it ran.
+fn execute_answer(placed: Placed) -> Result<Response, GatewayError> {
+    let body = placed.reply.expect(StatusCode::OK, &placed.node)?;
+    let mut answer: ExecuteResponse =
+        serde_json::from_slice(&body).map_err(|e| GatewayError::BadAnswer {
+            node: placed.node.to_string(),
+            detail: format!("not an execute response: {e}"),
+        })?;
+    let waited = placed.waited.as_millis() as u64;
+    answer.node = placed.node.to_string();
+    answer.attempts = Some(placed.attempts);
+    answer.timing.queued_ms += waited;
+    answer.timing.total_ms += waited;
+    Ok(Json(answer).into_response())
+}
+
+async fn execute(State(gw): State<Arc<Gateway>>, body: JsonBody<ExecuteRequest>) -> Response {
+    let mut language = None;
+    let result = run_execute(&gw, body, &mut language).await;
+    labelled(language, result)
+}
+
+async fn run_execute(
+    gw: &Gateway,
+    JsonBody {
+        value: request,
+        raw,
+    }: JsonBody<ExecuteRequest>,
+    label: &mut Option<String>,
+) -> Result<Response, GatewayError> {
+    let snapshot = gw.snapshot();
+    let version = request.version.as_deref().filter(|v| !v.is_empty());
+    let limits = check_job(
+        gw,
+        request.source.as_deref(),
+        request.files.as_deref(),
+        request.limits.as_ref(),
+    )?;
+    let info = resolve_language(&snapshot, request.language.as_deref(), version)?;
+    *label = Some(info.name.clone());
+    let job = Job {
+        language: &info.name,
+        version,
+        path: "/v1/execute",
+        body: raw,
+        timeout: job_timeout(&limits, gw.config().dispatch_margin()),
+    };
+    execute_answer(place(gw, job).await?)
+}
+
+async fn languages(State(gw): State<Arc<Gateway>>) -> Json<Vec<LanguageInfo>> {
+    Json(gw.snapshot().catalog.languages().cloned().collect())
+}
+
+async fn create_session(State(gw): State<Arc<Gateway>>, body: JsonBody<CreateSession>) -> Response {
+    let mut language = None;
+    let result = run_create_session(&gw, body, &mut language).await;
+    labelled(language, result)
+}
+
+async fn run_create_session(
+    gw: &Gateway,
+    JsonBody {
+        value: request,
+        raw,
+    }: JsonBody<CreateSession>,
+    label: &mut Option<String>,
+) -> Result<Response, GatewayError> {
+    let snapshot = gw.snapshot();
+    let version = request.version.as_deref().filter(|v| !v.is_empty());
+    let limits = check_limits(gw, request.limits.as_ref())?;
+    let info = resolve_language(&snapshot, request.language.as_deref(), version)?;
+    *label = Some(info.name.clone());
+    let job = Job {
+        language: &info.name,
+        version,
+        path: "/v1/sessions",
+        body: raw,
+        timeout: job_timeout(&limits, gw.config().dispatch_margin()),
+    };
+    let placed = place(gw, job).await?;
+    let body = placed.reply.expect(StatusCode::CREATED, &placed.node)?;
+    let session: SessionInfo =
+        serde_json::from_slice(&body).map_err(|e| GatewayError::BadAnswer {
+            node: placed.node.to_string(),
+            detail: format!("not a session: {e}"),
+        })?;
+    Ok((StatusCode::CREATED, Json(session)).into_response())
+}
+
+/// The node holding a session: agents make ids `se_<hex>.<node id>`.
+fn session_node(gw: &Gateway, id: &str) -> Result<Arc<NodeHandle>, GatewayError> {
+    let unknown = || GatewayError::NotFound(format!("no session {id:?}"));
+    let (prefix, node) = id.split_once('.').ok_or_else(unknown)?;
+    let prefix_ok = prefix.starts_with("se_")
+        && prefix
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if !prefix_ok || !valid_node_id(node) {
+        return Err(unknown());
+    }
+    let (handle, state) = gw.node(node).ok_or_else(unknown)?;
+    if state == NodeState::Down {
+        return Err(GatewayError::NodeLost {
+            node: node.to_string(),
+            reason: "the node holding the session is down".to_string(),
+        });
+    }
+    Ok(handle)
+}
+
+async fn session_execute(
+    State(gw): State<Arc<Gateway>>,
+    Path(id): Path<String>,
+    JsonBody {
+        value: request,
+        raw,
+    }: JsonBody<ExecuteRequest>,
+) -> Result<Response, GatewayError> {
+    let limits = check_job(
+        &gw,
+        request.source.as_deref(),
+        request.files.as_deref(),
+        request.limits.as_ref(),
+    )?;
+    let node = session_node(&gw, &id)?;
+    let path = format!("/v1/sessions/{id}/execute");
+    let timeout = job_timeout(&limits, gw.config().dispatch_margin());
+    let reply = call_bound(&gw, &node, Method::POST, &path, Some(raw), timeout).await?;
+    execute_answer(Placed {
+        reply,
+        node: node.id.clone(),
+        attempts: 1,
+        waited: Duration::ZERO,
+    })
+}
+
+async fn delete_session(
+    State(gw): State<Arc<Gateway>>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, GatewayError> {
+    let node = session_node(&gw, &id)?;
+    let path = format!("/v1/sessions/{id}");
+    let timeout = gw.config().dispatch_margin();
+    let reply = call_bound(&gw, &node, Method::DELETE, &path, None, timeout).await?;
+    reply.expect(StatusCode::NO_CONTENT, &node.id)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_nodes(State(gw): State<Arc<Gateway>>) -> Response {
+    Json(gw.nodes()).into_response()
+}
+
+async fn drain_node(
+    State(gw): State<Arc<Gateway>>,
+    Path(id): Path<String>,
+) -> Result<Response, GatewayError> {
+    let node = gw.drain(&id)?;
+    tracing::info!(node = %node.id, "draining node");
+    // Best effort: also ask the agent to drain itself, so other gateways stop sending work.
+    let agent = Arc::clone(&gw);
+    tokio::spawn(async move {
+        let timeout = Duration::from_secs(5);
+        let told = agent
+            .dispatcher
+            .call(&node, Method::POST, "/v1/drain", None, timeout)
+            .await;
+        match told {
+            Ok(reply) if reply.status.is_success() => {}
+            Ok(reply) => {
+                tracing::info!(node = %node.id, status = %reply.status, "agent did not take the drain")
+            }
+            Err(error) => {
+                tracing::info!(node = %node.id, %error, "could not tell the agent to drain")
+            }
+        }
+    });
+    let info = gw.nodes().into_iter().find(|n| n.id == id);
+    Ok((StatusCode::ACCEPTED, Json(info)).into_response())
+}
+
+async fn remove_node(
+    State(gw): State<Arc<Gateway>>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, GatewayError> {
+    gw.remove(&id)?;
+    tracing::info!(node = %id, "node removed");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn report(
+    State(gw): State<Arc<Gateway>>,
+    JsonBody { value, .. }: JsonBody<CapacityReport>,
+) -> Result<Json<serde_json::Value>, GatewayError> {
+    gw.report(value, Instant::now())?;
+    Ok(Json(json!({})))
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
+    match gw.snapshot().ready_nodes {
+        // Answered without logging: probes ask every few seconds.
+        0 => problem_response(Problem::new(ErrorCode::NoCapacity, "no node is ready yet")),
+        n => Json(json!({"status": "ready", "nodes_ready": n})).into_response(),
+    }
+}
+
+async fn metrics_text(State(gw): State<Arc<Gateway>>) -> Response {
+    let content_type = "text/plain; version=0.0.4; charset=utf-8";
+    ([(header::CONTENT_TYPE, content_type)], gw.metrics.render()).into_response()
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+async fn not_found(method: Method, uri: axum::http::Uri) -> GatewayError {
+    GatewayError::NotFound(format!("no route {method} {}", uri.path()))
+}
+
+async fn method_not_allowed() -> GatewayError {
+    GatewayError::MethodNotAllowed
+}

@@ -1,0 +1,653 @@
+//! Membership: which agents exist, what they last reported, and whether each is ready, draining
+//! or down (time passed in); plus the snapshot built from it that requests read: the routing
+//! table and the merged language catalog.
+
+use std::cmp::Ordering as CmpOrdering;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use codefleet_shared::cluster::{
+    CapacityReport, LanguageCapacity, NodeInfo, NodeLanguage, NodeState,
+};
+use codefleet_shared::{ImageState, LanguageInfo};
+use tokio::sync::{watch, Notify};
+
+use crate::error::GatewayError;
+use crate::routing::{version_matches, NodeEntry, NodeId, RoutingTable};
+
+/// True for ids of 1–64 `[A-Za-z0-9_-]`, the agents' rule.
+pub fn valid_node_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// A node as requests see it: where it is, and its live load.
+///
+/// The load routing uses is `inflight + others`: this gateway's own jobs on the node, counted
+/// exactly, plus the busy slots of the node's last report that were not ours. Reports lag (one a
+/// second), so subtracting our in-flight count at the moment a report arrives could still count a
+/// job twice: one that was running when the agent wrote the report and finished before it arrived.
+/// So `others` subtracts the *highest* in-flight count since the previous report instead. It may
+/// under-count other gateways' jobs by ours, never count ours twice, and a lone stream of
+/// sequential jobs therefore always sees its primary at load 0.
+#[derive(Debug)]
+pub struct NodeHandle {
+    pub id: NodeId,
+    /// Base URL, e.g. `http://127.0.0.1:7001`, without a trailing slash.
+    pub address: String,
+    inflight: AtomicU32,
+    peak: AtomicU32,
+    others: AtomicU32,
+    /// Set to true when membership decides the node is gone, so in-flight calls stop waiting.
+    lost: watch::Sender<bool>,
+}
+
+impl NodeHandle {
+    fn new(id: &str, address: String) -> NodeHandle {
+        NodeHandle {
+            id: NodeId::new(id),
+            address,
+            inflight: AtomicU32::new(0),
+            peak: AtomicU32::new(0),
+            others: AtomicU32::new(0),
+            lost: watch::Sender::new(false),
+        }
+    }
+
+    /// The load routing compares against the bound and the slot count.
+    pub fn load(&self) -> u32 {
+        self.inflight
+            .load(Ordering::Relaxed)
+            .saturating_add(self.others.load(Ordering::Relaxed))
+    }
+
+    /// Counts a job as in flight on this node until the guard drops; `freed` is notified then.
+    pub fn begin(self: &Arc<Self>, freed: Arc<Notify>) -> InflightGuard {
+        let now = self.inflight.fetch_add(1, Ordering::Relaxed) + 1;
+        self.peak.fetch_max(now, Ordering::Relaxed);
+        crate::metrics::node_inflight(&self.id, now);
+        InflightGuard {
+            node: Arc::clone(self),
+            freed,
+        }
+    }
+
+    /// Resolves when membership marks the node lost (down); pending forever otherwise.
+    pub async fn lost(&self) {
+        let mut rx = self.lost.subscribe();
+        if rx.wait_for(|lost| *lost).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// True once membership has declared the node lost (until it reports again).
+    pub fn is_lost(&self) -> bool {
+        *self.lost.borrow()
+    }
+
+    fn on_report(&self, busy: u32) {
+        let peak = self
+            .peak
+            .swap(self.inflight.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.others
+            .store(busy.saturating_sub(peak), Ordering::Relaxed);
+    }
+}
+
+/// A job counted on a node; dropping it ends the count and wakes jobs waiting for room.
+pub struct InflightGuard {
+    node: Arc<NodeHandle>,
+    freed: Arc<Notify>,
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        let now = self.node.inflight.fetch_sub(1, Ordering::Relaxed) - 1;
+        crate::metrics::node_inflight(&self.node.id, now);
+        self.freed.notify_waiters();
+    }
+}
+
+#[derive(Debug)]
+struct Member {
+    report: CapacityReport,
+    handle: Arc<NodeHandle>,
+    last_report: Instant,
+    /// Missed too many reports; cleared by the next one.
+    missed: bool,
+    /// Refused a connection; cleared by the next report.
+    unreachable: bool,
+    /// Drained by an operator (`POST /v1/nodes/{id}/drain`); kept until the node is removed.
+    drained: bool,
+}
+
+impl Member {
+    fn state(&self) -> NodeState {
+        if self.missed || self.unreachable {
+            NodeState::Down
+        } else if self.drained || self.report.draining {
+            NodeState::Draining
+        } else {
+            NodeState::Ready
+        }
+    }
+
+    /// Everything the snapshot depends on, to tell whether a report changed it.
+    fn view(&self) -> (NodeState, u32, *const NodeHandle, Vec<LanguageCapacity>) {
+        let languages = self.report.languages.values().map(|l| LanguageCapacity {
+            warm: 0,
+            ..l.clone()
+        });
+        let handle = Arc::as_ptr(&self.handle);
+        (
+            self.state(),
+            self.report.slots_total,
+            handle,
+            languages.collect(),
+        )
+    }
+}
+
+/// All known nodes. Not thread-safe by itself: the gateway keeps it behind a mutex.
+#[derive(Debug)]
+pub struct Membership {
+    members: BTreeMap<String, Member>,
+    /// A node whose last report is older than this is down.
+    down_after: Duration,
+}
+
+impl Membership {
+    pub fn new(report_interval: Duration, missed_reports: u32) -> Membership {
+        Membership {
+            members: BTreeMap::new(),
+            down_after: report_interval * missed_reports,
+        }
+    }
+
+    /// Takes a capacity report (the first one registers the node). Returns whether the snapshot
+    /// must be rebuilt.
+    pub fn report(
+        &mut self,
+        mut report: CapacityReport,
+        now: Instant,
+    ) -> Result<bool, GatewayError> {
+        if !valid_node_id(&report.node_id) {
+            return Err(GatewayError::invalid(format!(
+                "node_id {:?} is not 1-64 of A-Z a-z 0-9 _ -",
+                report.node_id
+            )));
+        }
+        let address = report.address.trim_end_matches('/').to_string();
+        match reqwest::Url::parse(&address) {
+            Ok(url) if url.scheme() == "http" && url.host().is_some() => {}
+            _ => {
+                return Err(GatewayError::invalid(format!(
+                    "address {:?} is not an http:// base URL",
+                    report.address
+                )))
+            }
+        }
+        report.address = address;
+        let busy = report.slots_busy;
+        let member = match self.members.get_mut(&report.node_id) {
+            Some(member) => member,
+            None => {
+                let id = report.node_id.clone();
+                let handle = Arc::new(NodeHandle::new(&id, report.address.clone()));
+                self.members.insert(
+                    id.clone(),
+                    Member {
+                        report,
+                        handle: Arc::clone(&handle),
+                        last_report: now,
+                        missed: false,
+                        unreachable: false,
+                        drained: false,
+                    },
+                );
+                handle.on_report(busy);
+                tracing::info!(node = %handle.id, address = %handle.address, "node registered");
+                return Ok(true);
+            }
+        };
+        let before = member.view();
+        if member.handle.address != report.address {
+            member.handle = Arc::new(NodeHandle::new(&report.node_id, report.address.clone()));
+        }
+        if member.missed {
+            member.handle.lost.send_replace(false);
+            tracing::info!(node = %member.handle.id, "node reporting again");
+        }
+        member.report = report;
+        member.last_report = now;
+        member.missed = false;
+        member.unreachable = false;
+        member.handle.on_report(busy);
+        Ok(member.view() != before)
+    }
+
+    /// Marks down every node whose last report is too old, and tells their in-flight calls.
+    /// Returns whether any node changed state.
+    pub fn sweep(&mut self, now: Instant) -> bool {
+        let mut changed = false;
+        for member in self.members.values_mut() {
+            if !member.missed && now.saturating_duration_since(member.last_report) > self.down_after
+            {
+                member.missed = true;
+                member.handle.lost.send_replace(true);
+                tracing::warn!(node = %member.handle.id, "node missed its reports; marked down");
+                changed = true;
+            }
+        }
+        changed
+    }
+
+    /// Stops new work going to the node. Returns its handle, to tell the agent.
+    pub fn drain(&mut self, id: &str) -> Option<Arc<NodeHandle>> {
+        let member = self.members.get_mut(id)?;
+        member.drained = true;
+        Some(Arc::clone(&member.handle))
+    }
+
+    /// Forgets the node; it registers anew if it reports again. Its in-flight jobs go on.
+    pub fn remove(&mut self, id: &str) -> bool {
+        self.members.remove(id).is_some()
+    }
+
+    /// Takes the node out of routing after it refused a connection, until it reports again.
+    /// Does not fire `lost`: a refusing agent may still be finishing jobs while it shuts down.
+    pub fn mark_unreachable(&mut self, handle: &NodeHandle) -> bool {
+        match self.members.get_mut(handle.id.as_str()) {
+            Some(m) if std::ptr::eq(Arc::as_ptr(&m.handle), handle) && !m.unreachable => {
+                m.unreachable = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The node's handle and state, for requests bound to a node (sessions).
+    pub fn node(&self, id: &str) -> Option<(Arc<NodeHandle>, NodeState)> {
+        let member = self.members.get(id)?;
+        Some((Arc::clone(&member.handle), member.state()))
+    }
+
+    pub fn count(&self, state: NodeState) -> usize {
+        self.members.values().filter(|m| m.state() == state).count()
+    }
+
+    /// `GET /v1/nodes`, sorted by id.
+    pub fn node_infos(&self, shares: &HashMap<NodeId, f64>) -> Vec<NodeInfo> {
+        self.members
+            .values()
+            .map(|m| NodeInfo {
+                id: m.report.node_id.clone(),
+                address: m.handle.address.clone(),
+                state: m.state(),
+                slots_total: m.report.slots_total,
+                slots_busy: m.report.slots_busy,
+                ring_share: shares.get(&m.handle.id).copied().unwrap_or(0.0),
+                languages: m
+                    .report
+                    .languages
+                    .iter()
+                    .map(|(name, l)| {
+                        let info = NodeLanguage {
+                            image: l.image,
+                            warm: l.warm,
+                        };
+                        (name.clone(), info)
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// A new snapshot; its ring is `previous`'s updated with who joined and left.
+    pub fn snapshot(&self, previous: &Snapshot) -> Snapshot {
+        let entries = self
+            .members
+            .values()
+            .filter(|m| m.state() == NodeState::Ready)
+            .map(|m| NodeEntry {
+                id: m.handle.id.clone(),
+                slots_total: m.report.slots_total,
+                languages: m
+                    .report
+                    .languages
+                    .iter()
+                    .filter(|(_, l)| l.image == ImageState::Ready)
+                    .map(|(name, l)| (name.clone(), l.version.clone()))
+                    .collect(),
+                load: Arc::clone(&m.handle),
+            })
+            .collect();
+        Snapshot {
+            table: previous.table.update(entries),
+            catalog: self.catalog(),
+            ready_nodes: self.count(NodeState::Ready),
+        }
+    }
+
+    /// Languages merged over every known node; `nodes_ready` counts ready nodes with the image
+    /// ready. The version shown is the newest a ready node runs.
+    fn catalog(&self) -> Catalog {
+        let mut merged: BTreeMap<String, (LanguageInfo, Vec<String>)> = BTreeMap::new();
+        for member in self.members.values() {
+            let ready = member.state() == NodeState::Ready;
+            for (name, l) in &member.report.languages {
+                let (info, versions) = merged.entry(name.clone()).or_insert_with(|| {
+                    let info = LanguageInfo {
+                        name: name.clone(),
+                        aliases: l.aliases.clone(),
+                        version: String::new(),
+                        compiled: l.compiled,
+                        file_name: l.file_name.clone(),
+                        nodes_ready: 0,
+                        image: None,
+                        error: None,
+                    };
+                    (info, Vec::new())
+                });
+                if !l.version.is_empty() && !versions.contains(&l.version) {
+                    versions.push(l.version.clone());
+                }
+                if ready && l.image == ImageState::Ready {
+                    info.nodes_ready += 1;
+                    if compare_versions(&l.version, &info.version).is_gt() {
+                        info.version = l.version.clone();
+                    }
+                }
+            }
+        }
+        let mut aliases = HashMap::new();
+        for (name, (info, _)) in &merged {
+            for alias in info.aliases.iter().chain([name]) {
+                aliases
+                    .entry(alias.to_ascii_lowercase())
+                    .or_insert(name.clone());
+            }
+        }
+        Catalog {
+            languages: merged.into_values().collect(),
+            aliases,
+        }
+    }
+}
+
+/// Orders `3.9` before `3.11`: dot-separated parts compared as numbers where both are numbers.
+fn compare_versions(a: &str, b: &str) -> CmpOrdering {
+    let mut left = a.split('.');
+    let mut right = b.split('.');
+    loop {
+        match (left.next(), right.next()) {
+            (None, None) => return CmpOrdering::Equal,
+            (None, Some(_)) => return CmpOrdering::Less,
+            (Some(_), None) => return CmpOrdering::Greater,
+            (Some(x), Some(y)) => {
+                let order = match (x.parse::<u64>(), y.parse::<u64>()) {
+                    (Ok(x), Ok(y)) => x.cmp(&y),
+                    _ => x.cmp(y),
+                };
+                if order.is_ne() {
+                    return order;
+                }
+            }
+        }
+    }
+}
+
+/// What requests read, published as one immutable value and swapped whole.
+pub struct Snapshot {
+    pub table: RoutingTable<Arc<NodeHandle>>,
+    pub catalog: Catalog,
+    pub ready_nodes: usize,
+}
+
+impl Snapshot {
+    pub fn empty(vnodes: usize) -> Snapshot {
+        Snapshot {
+            table: RoutingTable::new(vnodes, Vec::new()),
+            catalog: Catalog::default(),
+            ready_nodes: 0,
+        }
+    }
+}
+
+/// The merged languages (each with the versions seen on any node) and their names and aliases.
+#[derive(Debug, Default)]
+pub struct Catalog {
+    /// Sorted by name; `.1` are the versions any node reported.
+    languages: Vec<(LanguageInfo, Vec<String>)>,
+    /// Lowercase name or alias → name.
+    aliases: HashMap<String, String>,
+}
+
+impl Catalog {
+    pub fn languages(&self) -> impl Iterator<Item = &LanguageInfo> {
+        self.languages.iter().map(|(info, _)| info)
+    }
+
+    /// The language a request names, checked against the versions nodes reported.
+    pub fn resolve(
+        &self,
+        language: &str,
+        version: Option<&str>,
+    ) -> Result<&LanguageInfo, GatewayError> {
+        let unknown = |what: String| GatewayError::UnknownLanguage {
+            what,
+            available: self.languages().map(|l| l.name.clone()).collect(),
+        };
+        let name = self
+            .aliases
+            .get(&language.to_ascii_lowercase())
+            .ok_or_else(|| unknown(format!("no language {language:?}")))?;
+        let (info, versions) = self
+            .languages
+            .iter()
+            .find(|(info, _)| &info.name == name)
+            .expect("every alias names a language");
+        match version {
+            Some(v) if !versions.iter().any(|have| version_matches(v, have)) => Err(unknown(
+                format!("no version {v:?} of {name}; known: {}", versions.join(", ")),
+            )),
+            _ => Ok(info),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.languages.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn language(image: ImageState, version: &str) -> LanguageCapacity {
+        LanguageCapacity {
+            image,
+            warm: 2,
+            version: version.to_string(),
+            aliases: vec![format!("alias-of-{version}")],
+            compiled: false,
+            file_name: "main.py".to_string(),
+            error: None,
+        }
+    }
+
+    fn python(version: &str) -> LanguageCapacity {
+        LanguageCapacity {
+            aliases: vec!["py".to_string(), "python3".to_string()],
+            ..language(ImageState::Ready, version)
+        }
+    }
+
+    fn report(id: &str, busy: u32) -> CapacityReport {
+        CapacityReport {
+            node_id: id.to_string(),
+            address: "http://127.0.0.1:7001/".to_string(),
+            slots_total: 4,
+            slots_busy: busy,
+            queued: 0,
+            draining: false,
+            languages: [("python".to_string(), python("3.11.2"))].into(),
+            sessions: 0,
+        }
+    }
+
+    fn membership() -> Membership {
+        Membership::new(Duration::from_secs(1), 3)
+    }
+
+    fn state(m: &Membership, id: &str) -> NodeState {
+        m.node(id).unwrap().1
+    }
+
+    #[test]
+    fn first_report_registers_and_later_ones_change_only_what_matters() {
+        let (mut m, t0) = (membership(), Instant::now());
+        assert!(m.report(report("a", 0), t0).unwrap());
+        assert_eq!(m.node("a").unwrap().0.address, "http://127.0.0.1:7001");
+        assert!(
+            !m.report(report("a", 1), t0).unwrap(),
+            "busy alone changes nothing"
+        );
+        let mut warmer = report("a", 1);
+        warmer.languages.get_mut("python").unwrap().warm = 9;
+        assert!(
+            !m.report(warmer, t0).unwrap(),
+            "warm count alone changes nothing"
+        );
+        let mut draining = report("a", 1);
+        draining.draining = true;
+        assert!(m.report(draining, t0).unwrap());
+        assert_eq!(state(&m, "a"), NodeState::Draining);
+    }
+
+    #[test]
+    fn rejects_bad_ids_and_addresses() {
+        let mut m = membership();
+        for (id, address) in [
+            ("a.b", "http://h:1"),
+            ("", "http://h:1"),
+            ("a", "https://h:1"),
+            ("a", "h:1"),
+        ] {
+            let mut r = report(id, 0);
+            r.address = address.to_string();
+            assert!(m.report(r, Instant::now()).is_err(), "{id} {address}");
+        }
+    }
+
+    #[test]
+    fn down_after_missed_reports_and_back_on_the_next() {
+        let (mut m, t0) = (membership(), Instant::now());
+        m.report(report("a", 0), t0).unwrap();
+        let handle = m.node("a").unwrap().0;
+        let lost = handle.lost.subscribe();
+        assert!(!m.sweep(t0 + Duration::from_millis(2_900)));
+        assert_eq!(state(&m, "a"), NodeState::Ready);
+        assert!(m.sweep(t0 + Duration::from_millis(3_100)));
+        assert_eq!(state(&m, "a"), NodeState::Down);
+        assert!(*lost.borrow(), "in-flight calls are told");
+        assert!(!m.sweep(t0 + Duration::from_secs(10)), "already down");
+        assert!(m
+            .report(report("a", 0), t0 + Duration::from_secs(11))
+            .unwrap());
+        assert_eq!(state(&m, "a"), NodeState::Ready);
+        assert!(!*lost.borrow());
+    }
+
+    #[test]
+    fn drain_remove_and_unreachable() {
+        let (mut m, t0) = (membership(), Instant::now());
+        m.report(report("a", 0), t0).unwrap();
+        let handle = m.drain("a").unwrap();
+        assert_eq!(state(&m, "a"), NodeState::Draining);
+        m.report(report("a", 0), t0).unwrap();
+        assert_eq!(
+            state(&m, "a"),
+            NodeState::Draining,
+            "an operator's drain sticks"
+        );
+        assert!(m.remove("a") && !m.remove("a"));
+        assert!(m.drain("a").is_none());
+        m.report(report("a", 0), t0).unwrap();
+        assert!(!m.mark_unreachable(&handle), "a stale handle marks nothing");
+        let fresh = m.node("a").unwrap().0;
+        assert!(m.mark_unreachable(&fresh));
+        assert_eq!(state(&m, "a"), NodeState::Down);
+        assert!(
+            !*fresh.lost.borrow(),
+            "refusing is not losing in-flight jobs"
+        );
+        m.report(report("a", 0), t0).unwrap();
+        assert_eq!(state(&m, "a"), NodeState::Ready);
+    }
+
+    #[test]
+    fn own_jobs_are_not_counted_twice() {
+        let (mut m, t0) = (membership(), Instant::now());
+        let freed = Arc::new(Notify::new());
+        m.report(report("a", 0), t0).unwrap();
+        let node = m.node("a").unwrap().0;
+        // A lone stream: each report says one busy slot, which was always ours.
+        for _ in 0..3 {
+            let job = node.begin(Arc::clone(&freed));
+            drop(job);
+            m.report(report("a", 1), t0).unwrap();
+            assert_eq!(node.load(), 0);
+        }
+        // Another gateway's two jobs show up beside ours.
+        let job = node.begin(Arc::clone(&freed));
+        m.report(report("a", 3), t0).unwrap();
+        assert_eq!(node.load(), 3);
+        drop(job);
+        assert_eq!(node.load(), 2);
+    }
+
+    #[test]
+    fn catalog_merges_and_resolves() {
+        let (mut m, t0) = (membership(), Instant::now());
+        m.report(report("a", 0), t0).unwrap();
+        let mut b = report("b", 0);
+        b.languages.insert("python".into(), python("3.12.1"));
+        b.languages
+            .insert("go".into(), language(ImageState::Preparing, ""));
+        m.report(b, t0).unwrap();
+        let snapshot = m.snapshot(&Snapshot::empty(160));
+        let catalog = &snapshot.catalog;
+        let python = catalog.resolve("PY", None).unwrap();
+        assert_eq!((python.nodes_ready, python.version.as_str()), (2, "3.12.1"));
+        assert_eq!(catalog.resolve("go", None).unwrap().nodes_ready, 0);
+        assert!(catalog.resolve("python", Some("3.11")).is_ok());
+        let errors = [
+            catalog.resolve("python", Some("2")).unwrap_err(),
+            catalog.resolve("cobol", None).unwrap_err(),
+        ];
+        for err in errors {
+            assert_eq!(
+                err.problem().code,
+                codefleet_shared::ErrorCode::UnknownLanguage
+            );
+            assert!(
+                err.problem().detail.contains("available: go, python"),
+                "{err}"
+            );
+        }
+        assert_eq!(snapshot.ready_nodes, 2);
+        assert_eq!(snapshot.table.nodes().len(), 2);
+    }
+
+    #[test]
+    fn versions_compare_numerically() {
+        assert!(compare_versions("3.11.2", "3.9").is_gt());
+        assert!(compare_versions("17.0.2", "17").is_gt());
+        assert!(compare_versions("", "1").is_lt());
+    }
+}

@@ -1,0 +1,165 @@
+//! Metrics: every name, label and unit the gateway exports, in one place (Prometheus text at
+//! `/metrics`; `codefleet_` prefix, base units, `_total` counters).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use axum::extract::{MatchedPath, Request};
+use axum::middleware::Next;
+use axum::response::Response;
+use codefleet_shared::cluster::NodeState;
+use codefleet_shared::ErrorCode;
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tracing::Instrument;
+
+use crate::routing::NodeId;
+
+const REQUESTS: &str = "codefleet_requests_total";
+const REQUEST_SECONDS: &str = "codefleet_request_duration_seconds";
+const ROUTING_SECONDS: &str = "codefleet_routing_duration_seconds";
+const NODE_INFLIGHT: &str = "codefleet_node_inflight_jobs";
+const RING_MEMBERS: &str = "codefleet_ring_members";
+const RETRIES: &str = "codefleet_retries_total";
+const REJECTIONS: &str = "codefleet_rejections_total";
+const WAIT_QUEUE: &str = "codefleet_wait_queue_depth";
+
+/// The process-wide recorder, installed on first use (tests build many gateways in one process).
+pub fn handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Suffix("_seconds".to_string()),
+                    &[
+                        0.000_01, 0.000_05, 0.000_1, 0.000_5, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5,
+                        1.0, 5.0, 10.0, 30.0, 60.0,
+                    ],
+                )
+                .expect("the bucket list is not empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed; /metrics stays empty");
+            }
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(
+        REQUESTS,
+        "Requests answered, by route, language, status and error code."
+    );
+    describe_histogram!(
+        REQUEST_SECONDS,
+        Unit::Seconds,
+        "End-to-end request latency, by route."
+    );
+    describe_histogram!(
+        ROUTING_SECONDS,
+        Unit::Seconds,
+        "Time to pick a node for a job."
+    );
+    describe_gauge!(
+        NODE_INFLIGHT,
+        "Jobs this gateway has in flight on each node."
+    );
+    describe_gauge!(
+        RING_MEMBERS,
+        "Known nodes by state (ready, draining, down)."
+    );
+    describe_counter!(
+        RETRIES,
+        "Jobs sent to another node because one could not start them."
+    );
+    describe_counter!(
+        REJECTIONS,
+        "Requests refused at the edge or for capacity, by reason."
+    );
+    describe_gauge!(
+        WAIT_QUEUE,
+        "Jobs waiting at the gateway for a node with room."
+    );
+}
+
+/// The language a response was for, left in its extensions by handlers for [`track`].
+#[derive(Debug, Clone)]
+pub struct LanguageLabel(pub String);
+
+/// Middleware: gives every request a span with a `request_id`, then counts and times its answer,
+/// labelled by matched route (never the raw path).
+pub async fn track(request: Request, next: Next) -> Response {
+    static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+    let start = Instant::now();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_string();
+    let request_id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    let span = tracing::info_span!("request", request_id, route = %route);
+    let response = next.run(request).instrument(span).await;
+    let language = response
+        .extensions()
+        .get::<LanguageLabel>()
+        .map_or(String::new(), |l| l.0.clone());
+    let code = response
+        .extensions()
+        .get::<ErrorCode>()
+        .map_or("none", |c| c.as_str());
+    let status = response.status().as_u16().to_string();
+    counter!(REQUESTS, "route" => route.clone(), "language" => language, "status" => status, "code" => code)
+        .increment(1);
+    histogram!(REQUEST_SECONDS, "route" => route).record(start.elapsed());
+    response
+}
+
+pub fn routing_decision(took: Duration) {
+    histogram!(ROUTING_SECONDS).record(took);
+}
+
+pub fn node_inflight(node: &NodeId, jobs: u32) {
+    gauge!(NODE_INFLIGHT, "node" => node.to_string()).set(jobs);
+}
+
+pub fn ring_members(counts: [(NodeState, usize); 3]) {
+    for (state, count) in counts {
+        let state = match state {
+            NodeState::Ready => "ready",
+            NodeState::Draining => "draining",
+            NodeState::Down => "down",
+        };
+        gauge!(RING_MEMBERS, "state" => state).set(count as f64);
+    }
+}
+
+/// `reason`: why the first node could not start the job (`refused`, `no_capacity`, ...).
+pub fn retry(reason: &'static str) {
+    counter!(RETRIES, "reason" => reason).increment(1);
+}
+
+/// `reason`: `unauthorized`, `rate_limited`, `concurrency`, `payload_too_large`, `no_capacity`,
+/// `language_unavailable`.
+pub fn rejection(reason: &'static str) {
+    counter!(REJECTIONS, "reason" => reason).increment(1);
+}
+
+/// Jobs waiting for room while the returned guard lives.
+pub fn waiting() -> WaitGuard {
+    gauge!(WAIT_QUEUE).increment(1.0);
+    WaitGuard
+}
+
+pub struct WaitGuard;
+
+impl Drop for WaitGuard {
+    fn drop(&mut self) {
+        gauge!(WAIT_QUEUE).decrement(1.0);
+    }
+}
