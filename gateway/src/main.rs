@@ -50,19 +50,47 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
-    if config.dev {
+    // One signal stops both the gateway and, in `--dev`, its local agent.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let dev_agent = if config.dev {
         let gateway_url = format!("http://{}", listener.local_addr()?);
-        start_dev_agent(&gateway_url, &config).await?;
+        Some(start_dev_agent(&gateway_url, &config, stopped(stop_rx.clone())).await?)
+    } else {
+        None
+    };
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let served = codefleet_gateway::serve(config, listener, stopped(stop_rx)).await;
+    if let Some(agent) = dev_agent {
+        // The agent drains and removes its containers before the process exits.
+        agent.await??;
     }
-    codefleet_gateway::serve(config, listener, shutdown_signal()).await
+    served
 }
 
-/// TODO(dev agent): start a node agent in-process on the local Docker engine, reporting to
-/// `gateway_url` with the gateway's cluster token, preparing images with visible progress. To be
-/// wired to the node-agent crate; until then `--dev` fails with this error.
-async fn start_dev_agent(gateway_url: &str, config: &Config) -> anyhow::Result<()> {
-    let _ = (gateway_url, &config.cluster_token);
-    anyhow::bail!("dev agent not wired yet")
+/// `--dev`: a node agent in this process on the local Docker engine, reporting to this gateway
+/// with its cluster token. Its images are prepared in the background with progress in the log;
+/// `GET /v1/languages` shows each one as it becomes ready.
+async fn start_dev_agent(
+    gateway_url: &str,
+    config: &Config,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    let mut agent = codefleet_node_agent::Config::for_node("local", address);
+    agent.gateways = vec![gateway_url.to_string()];
+    agent.cluster_token = config.cluster_token.clone();
+    agent.advertise = Some(format!("http://{address}"));
+    tracing::info!(agent = %address, "dev mode: starting a local agent");
+    Ok(tokio::spawn(codefleet_node_agent::serve(
+        agent, listener, shutdown,
+    )))
 }
 
 async fn shutdown_signal() {

@@ -11,7 +11,7 @@ use axum::response::Response;
 use codefleet_shared::cluster::NodeState;
 use codefleet_shared::ErrorCode;
 use metrics::{counter, gauge, histogram};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 use tracing::Instrument;
 
 use crate::routing::NodeId;
@@ -25,29 +25,13 @@ const RETRIES: &str = "codefleet_retries_total";
 const REJECTIONS: &str = "codefleet_rejections_total";
 const WAIT_QUEUE: &str = "codefleet_wait_queue_depth";
 
-/// The process-wide recorder, installed on first use (tests build many gateways in one process).
+/// The process-wide recorder, shared with an in-process agent (`--dev`) and with the many
+/// gateways tests build in one process.
 pub fn handle() -> PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            let recorder = PrometheusBuilder::new()
-                .set_buckets_for_metric(
-                    Matcher::Suffix("_seconds".to_string()),
-                    &[
-                        0.000_01, 0.000_05, 0.000_1, 0.000_5, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5,
-                        1.0, 5.0, 10.0, 30.0, 60.0,
-                    ],
-                )
-                .expect("the bucket list is not empty")
-                .build_recorder();
-            let handle = recorder.handle();
-            if metrics::set_global_recorder(recorder).is_err() {
-                tracing::warn!("a metrics recorder was already installed; /metrics stays empty");
-            }
-            describe();
-            handle
-        })
-        .clone()
+    static DESCRIBED: OnceLock<()> = OnceLock::new();
+    let handle = codefleet_node_agent::telemetry::prometheus().clone();
+    DESCRIBED.get_or_init(describe);
+    handle
 }
 
 fn describe() {
