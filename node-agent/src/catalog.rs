@@ -103,7 +103,7 @@ impl Catalog {
         let name = name.trim().to_ascii_lowercase();
         self.languages
             .iter()
-            .find(|l| l.name == name || l.aliases.iter().any(|a| *a == name))
+            .find(|l| l.name == name || l.aliases.contains(&name))
     }
 
     pub fn names(&self) -> Vec<&str> {

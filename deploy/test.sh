@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Runs every test against the local Docker engine, preparing what they need first: the base
+# image (bootstrapped offline when it cannot be pulled), the static supervisor, the binaries and
+# the six language images (reused when present). This is the README's test command.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+docker info >/dev/null 2>&1 || { echo "Docker is not reachable; start it first (.ci/run does)" >&2; exit 1; }
+deploy/images/bootstrap-base.sh
+deploy/build-supervisor.sh
+cargo build --quiet --workspace --bins
+echo "language images:"
+target/debug/codefleet-agent --prepare-only --node-id prepare
+cargo test --workspace "$@"
