@@ -334,13 +334,12 @@ impl Agent {
         let slot = self.take_slot().await?;
         let queued = received.elapsed();
         let key = self.pool_key(&prepared.language.name, prepared.limits.memory_bytes);
-        self.pools.begin(&key, Instant::now());
+        let in_use = self.pools.begin(&key, Instant::now());
         let (mut sandbox, source) = match self.warm_sandbox(&key, prepared.isolation).await {
             Some(found) => found,
             None => match self.start_sandbox(&key, "pool").await {
                 Ok(sb) => (sb, Source::Cold),
                 Err(e) => {
-                    self.pools.release(&key);
                     tracing::error!(language = %key.language, error = %e, "starting a sandbox failed");
                     let why = e.to_string();
                     return Ok(internal_error(
@@ -377,7 +376,7 @@ impl Agent {
                 internal_error(self, id, &prepared, (received, queued), &e.to_string())
             }
         };
-        self.pools.release(&key);
+        drop(in_use);
         record(&response, &prepared);
         Ok(response)
     }

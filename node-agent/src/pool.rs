@@ -90,6 +90,21 @@ pub struct Pools {
     entries: Mutex<HashMap<PoolKey, Entry>>,
 }
 
+/// One job's use of a pool key; see `Pools::begin`.
+pub struct InUse<'a> {
+    pools: &'a Pools,
+    key: PoolKey,
+}
+
+impl Drop for InUse<'_> {
+    fn drop(&mut self) {
+        let mut entries = self.pools.entries.lock().expect("pool lock");
+        if let Some(e) = entries.get_mut(&self.key) {
+            e.in_use = e.in_use.saturating_sub(1);
+        }
+    }
+}
+
 /// What the refiller should do for one key.
 pub struct Refill {
     pub key: PoolKey,
@@ -97,14 +112,19 @@ pub struct Refill {
 }
 
 impl Pools {
-    /// Counts one more job using `key` (for sizing); pair with `release`.
-    pub fn begin(&self, key: &PoolKey, now: Instant) {
+    /// Counts one more job using `key` (for sizing) until the returned guard is dropped, which
+    /// happens however the job ends, a cancelled request included.
+    pub fn begin<'a>(&'a self, key: &PoolKey, now: Instant) -> InUse<'a> {
         let mut entries = self.entries.lock().expect("pool lock");
         let entry = entries.entry(key.clone()).or_default();
         entry.in_use += 1;
         if entry.in_use >= entry.recent_peak(now) {
             entry.peak = entry.in_use;
             entry.peak_at = Some(now);
+        }
+        InUse {
+            pools: self,
+            key: key.clone(),
         }
     }
 
@@ -150,14 +170,6 @@ impl Pools {
         }
         entry.recycled.push_back((sandbox, now));
         None
-    }
-
-    /// The job that acquired from `key` is done with its sandbox (returned or not).
-    pub fn release(&self, key: &PoolKey) {
-        let mut entries = self.entries.lock().expect("pool lock");
-        if let Some(e) = entries.get_mut(key) {
-            e.in_use = e.in_use.saturating_sub(1);
-        }
     }
 
     pub fn put_fresh(&self, key: &PoolKey, sandbox: Sandbox, now: Instant) {
