@@ -3,7 +3,7 @@
 //! (to tell a memory-limit kill from any other SIGKILL).
 
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone)]
 pub struct Cgroup {
@@ -22,7 +22,12 @@ enum CpuFormat {
 
 impl Cgroup {
     pub fn detect() -> Cgroup {
-        let root = PathBuf::from("/sys/fs/cgroup");
+        Cgroup::detect_at(Path::new("/sys/fs/cgroup"))
+    }
+
+    /// Detection below `root` (the container's cgroup mount; a test passes a folder of its own).
+    pub fn detect_at(root: &Path) -> Cgroup {
+        let root = root.to_path_buf();
         if root.join("cgroup.controllers").exists() {
             return Cgroup {
                 version: "v2",
@@ -76,6 +81,59 @@ fn field(text: &str, key: &str) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    fn fake_root(name: &str, files: &[(&str, &str)]) -> PathBuf {
+        let root =
+            std::env::temp_dir().join(format!("codefleet-cgroup-{name}-{}", std::process::id()));
+        for (path, content) in files {
+            let p = root.join(path);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(p, content).unwrap();
+        }
+        root
+    }
+
+    #[test]
+    fn reads_a_v2_hierarchy() {
+        let root = fake_root(
+            "v2",
+            &[
+                ("cgroup.controllers", "cpu memory pids\n"),
+                (
+                    "cpu.stat",
+                    "usage_usec 2500\nuser_usec 2000\nsystem_usec 500\n",
+                ),
+                ("memory.events", "low 0\nhigh 0\nmax 4\noom 1\noom_kill 1\n"),
+            ],
+        );
+        let cg = Cgroup::detect_at(&root);
+        assert_eq!(cg.version, "v2");
+        assert_eq!(cg.cpu_usage_us(), Some(2500));
+        assert_eq!(cg.oom_kills(), Some(1));
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn reads_a_v1_hierarchy() {
+        let root = fake_root(
+            "v1",
+            &[
+                ("cpu,cpuacct/cpuacct.usage", "7000000\n"),
+                (
+                    "memory/memory.oom_control",
+                    "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n",
+                ),
+            ],
+        );
+        let cg = Cgroup::detect_at(&root);
+        assert_eq!(cg.version, "v1");
+        assert_eq!(cg.cpu_usage_us(), Some(7000));
+        assert_eq!(cg.oom_kills(), Some(2));
+        fs::remove_dir_all(root).unwrap();
+        assert_eq!(Cgroup::detect_at(Path::new("/nonexistent")).version, "none");
+    }
+
     #[test]
     fn reads_key_value_files() {
         let v1 = "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n";
