@@ -2,7 +2,6 @@
 
 use std::time::Duration;
 
-use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use codefleet_shared::{ErrorCode, Problem};
 
@@ -129,20 +128,11 @@ impl IntoResponse for GatewayError {
     }
 }
 
-/// A problem as an `application/problem+json` answer, with `Retry-After` when it has one. The
-/// code rides along in the response extensions for the metrics layer.
+/// A problem as an `application/problem+json` answer, with `Retry-After` when it has one (the
+/// agent's own mapping, so both binaries answer alike). The code rides along in the response
+/// extensions for the metrics layer.
 pub fn problem_response(problem: Problem) -> Response {
-    let status = StatusCode::from_u16(problem.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let body = serde_json::to_vec(&problem).unwrap_or_default();
-    let mut response = (status, body).into_response();
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/problem+json"),
-    );
-    if let Some(seconds) = problem.retry_after_s {
-        headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
-    }
+    let mut response = codefleet_node_agent::http::problem_response(&problem);
     response.extensions_mut().insert(problem.code);
     response
 }
@@ -150,6 +140,7 @@ pub fn problem_response(problem: Problem) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::http::header;
 
     #[test]
     fn every_error_maps_to_its_code_and_status() {

@@ -11,6 +11,9 @@ use tokio::sync::oneshot;
 
 pub use reqwest::StatusCode;
 
+mod cluster;
+pub use cluster::{run_trivial, Cluster, ClusterSpec, TestGateway, ADMIN_KEY};
+
 /// A node id unique to this test process and `name`.
 pub fn node_id(name: &str) -> String {
     format!("t{}-{name}", std::process::id())
@@ -219,6 +222,12 @@ impl AgentOpts {
         self
     }
 
+    /// The value given to `flag`, if any.
+    pub fn value(&self, flag: &str) -> Option<&str> {
+        let i = self.args.iter().position(|a| a == flag)?;
+        self.args.get(i + 1).map(String::as_str)
+    }
+
     fn argv(&self, node: &str, listen: &str) -> Vec<String> {
         let mut argv = vec![
             "codefleet-agent".to_string(),
@@ -321,7 +330,8 @@ impl AgentProcess {
             .stderr(log)
             .spawn()
             .expect("agent process starts");
-        let api = Api::new(&format!("http://{listen}"));
+        let mut api = Api::new(&format!("http://{listen}"));
+        api.token = opts.value("--cluster-token").map(str::to_string);
         api.wait_ready(&opts.languages, Duration::from_secs(600))
             .await;
         AgentProcess {
@@ -347,6 +357,19 @@ impl AgentProcess {
                 return Some(status);
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// Like [`AgentProcess::wait`], without blocking the runtime's thread (for tests that serve
+    /// a gateway in the same runtime).
+    pub async fn exited(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
         None
     }
