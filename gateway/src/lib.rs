@@ -99,6 +99,35 @@ impl Gateway {
         }
     }
 
+    /// Probes `/healthz` of every node that is late with a report while jobs of ours run on
+    /// it; one that does not answer within `PROBE_TIMEOUT` is marked down at once, so its
+    /// in-flight clients get `node_lost` within about two seconds of a silent death.
+    fn probe_overdue(self: &Arc<Self>, client: &reqwest::Client, now: Instant) {
+        let late_after = self.config.report_interval() + self.config.report_interval() / 4;
+        let overdue = self.membership().overdue(now, late_after);
+        for node in overdue {
+            if node.probing.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                continue;
+            }
+            let gw = Arc::clone(self);
+            let probe = client
+                .get(format!("{}/healthz", node.address))
+                .timeout(PROBE_TIMEOUT)
+                .send();
+            tokio::spawn(async move {
+                let alive = matches!(probe.await, Ok(r) if r.status().is_success());
+                if !alive {
+                    let mut membership = gw.membership();
+                    if membership.mark_lost(node.id.as_str(), now) {
+                        gw.publish(&membership);
+                    }
+                }
+                node.probing
+                    .store(false, std::sync::atomic::Ordering::SeqCst);
+            });
+        }
+    }
+
     /// Stops routing new work to `id`. Returns the node, to tell its agent.
     pub fn drain(&self, id: &str) -> Result<Arc<NodeHandle>, GatewayError> {
         let mut membership = self.membership();
@@ -201,14 +230,22 @@ pub async fn serve(
     Ok(())
 }
 
+/// How long a late node has to answer a liveness probe.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+
 async fn housekeeping(gw: Arc<Gateway>) {
     let tick = (gw.config.report_interval() / 4).max(Duration::from_millis(10));
     let mut ticker = tokio::time::interval(tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_upkeep = Instant::now();
+    let probes = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("a plain HTTP client always builds");
     loop {
         ticker.tick().await;
         gw.sweep(Instant::now());
+        gw.probe_overdue(&probes, Instant::now());
         if last_upkeep.elapsed() >= Duration::from_secs(5) {
             gw.metrics.run_upkeep();
             last_upkeep = Instant::now();

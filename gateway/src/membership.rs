@@ -44,6 +44,8 @@ pub struct NodeHandle {
     others: AtomicU32,
     /// Set to true when membership decides the node is gone, so in-flight calls stop waiting.
     lost: watch::Sender<bool>,
+    /// A liveness probe of this node is under way.
+    pub probing: std::sync::atomic::AtomicBool,
 }
 
 impl NodeHandle {
@@ -55,7 +57,13 @@ impl NodeHandle {
             peak: AtomicU32::new(0),
             others: AtomicU32::new(0),
             lost: watch::Sender::new(false),
+            probing: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Jobs this gateway has in flight on the node.
+    pub fn inflight(&self) -> u32 {
+        self.inflight.load(Ordering::Relaxed)
     }
 
     /// The load routing compares against the bound and the slot count.
@@ -244,6 +252,33 @@ impl Membership {
             }
         }
         changed
+    }
+
+    /// Nodes that are late with a report (silent for more than `after`) while jobs of ours run
+    /// on them: worth a liveness probe, so a node that died silently is noticed before it
+    /// misses enough reports to be marked down.
+    pub fn overdue(&self, now: Instant, after: Duration) -> Vec<Arc<NodeHandle>> {
+        self.members
+            .values()
+            .filter(|m| !m.missed && m.handle.inflight() > 0)
+            .filter(|m| now.saturating_duration_since(m.last_report) > after)
+            .map(|m| Arc::clone(&m.handle))
+            .collect()
+    }
+
+    /// Marks `id` down now (a failed liveness probe), telling its in-flight calls. Ignored when
+    /// the node reported since `since` (it is alive after all). Returns whether anything changed.
+    pub fn mark_lost(&mut self, id: &str, since: Instant) -> bool {
+        let Some(member) = self.members.get_mut(id) else {
+            return false;
+        };
+        if member.missed || member.last_report > since {
+            return false;
+        }
+        member.missed = true;
+        member.handle.lost.send_replace(true);
+        tracing::warn!(node = %member.handle.id, "node late and not answering; marked down");
+        true
     }
 
     /// Stops new work going to the node. Returns its handle, to tell the agent.

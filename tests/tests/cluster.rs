@@ -463,3 +463,30 @@ async fn a_session_keeps_its_files_on_its_node_until_deleted() {
 
     assert_nothing_left(cluster.stop().await).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_freezes_mid_job_is_noticed_by_a_probe_before_it_misses_three_reports() {
+    let mut cluster = Cluster::named("freeze")
+        .agents(2)
+        .languages(&[PY])
+        .start()
+        .await;
+    let py = cluster.primary(PY);
+    let api = cluster.api.clone();
+    let in_flight = tokio::spawn(async move { api.post("/v1/execute", &sleeper(10.0)).await });
+    cluster.wait_busy(&py).await;
+    // Frozen, not dead: its sockets stay open, so only silence gives it away.
+    let frozen_at = Instant::now();
+    cluster.agent(&py).signal("STOP");
+    let answer = in_flight.await.expect("the client task");
+    let answered_after = frozen_at.elapsed();
+    cluster.agent(&py).signal("CONT");
+    eprintln!("node_lost {answered_after:?} after the freeze");
+    assert_problem(&answer, StatusCode::BAD_GATEWAY, "node_lost");
+    // Three missed reports would take 3 s from the last report; the probe answers sooner.
+    assert!(
+        answered_after < Duration::from_millis(2_900),
+        "node_lost {answered_after:?} after the freeze"
+    );
+    assert_nothing_left(cluster.stop().await).await;
+}
