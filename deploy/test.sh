@@ -10,5 +10,6 @@ deploy/images/bootstrap-base.sh
 deploy/build-supervisor.sh
 cargo build --quiet --workspace --bins
 echo "language images:"
-target/debug/codefleet-agent --prepare-only --node-id prepare
+# One retry: a build that fetches Debian packages can meet a passing network error.
+target/debug/codefleet-agent --prepare-only || target/debug/codefleet-agent --prepare-only
 cargo test --workspace "$@"
