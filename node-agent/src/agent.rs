@@ -325,6 +325,43 @@ impl Agent {
         Sandbox::start(&self.docker, &self.spec(key, &tag, kind), &self.reaper).await
     }
 
+    /// Starts a pool sandbox and runs the language's warm-up program in it, then resets it: the
+    /// first run of a toolchain in a new container pays for loading it, and a user's job should
+    /// not. The sandbox still never ran another job, so it serves `fresh` jobs.
+    pub async fn start_warm_sandbox(&self, key: &PoolKey) -> Result<Sandbox, SandboxError> {
+        let mut sandbox = self.start_sandbox(key, "pool").await?;
+        let Some(lang) = self.catalog.find(&key.language) else {
+            return Ok(sandbox);
+        };
+        let Some(source) = &lang.warmup else {
+            return Ok(sandbox);
+        };
+        let limits = ResolvedLimits {
+            memory_bytes: key.memory_bytes,
+            ..self.config.default_limits()
+        };
+        let warmup = Prepared {
+            language: lang.clone(),
+            version: String::new(),
+            limits,
+            job_files: vec![JobFile {
+                name: lang.file_name.clone(),
+                content: source.as_bytes().to_vec(),
+            }],
+            stdin: String::new(),
+            args: vec![],
+            isolation: Isolation::Fresh,
+        };
+        let job = self.job(&warmup, sandbox.uid);
+        let stages = sandbox.run(job, job_deadline(&limits)).await?;
+        if let Some(failed) = stages.iter().find(|s| s.result.status != Status::Ok) {
+            tracing::warn!(language = %key.language, stage = %failed.name, stderr = %failed.result.stderr, "warm-up program failed");
+        }
+        sandbox.reset().await?;
+        sandbox.jobs_run = 0;
+        Ok(sandbox)
+    }
+
     /// Runs a validated job on this node and answers as `/v1/execute` does.
     pub async fn execute(
         self: &Arc<Self>,
@@ -699,7 +736,7 @@ impl Agent {
                         let key = refill.key.clone();
                         tokio::spawn(async move {
                             let _permit = agent.starts.clone().acquire_owned().await;
-                            match agent.start_sandbox(&key, "pool").await {
+                            match agent.start_warm_sandbox(&key).await {
                                 Ok(sb) => agent.pools.put_fresh(&key, sb, Instant::now()),
                                 Err(e) => {
                                     agent.pools.start_failed(&key);

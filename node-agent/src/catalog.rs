@@ -37,6 +37,9 @@ pub struct Language {
     pub run: Vec<String>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// A program run once in every new pool sandbox (then reset) before a job gets it.
+    #[serde(default)]
+    pub warmup: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

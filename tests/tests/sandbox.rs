@@ -216,13 +216,18 @@ async fn fresh_isolation_never_reuses_a_sandbox_and_pools_refill() {
     for _ in 0..5 {
         let r = agent
             .api
-            .execute(json!({"language": "python", "isolation": "fresh", "source": "print(open('/etc/hostname').read().strip())"}))
+            .execute(json!({"language": "python", "isolation": "fresh", "source":
+                "import os\nprint(open('/etc/hostname').read().strip())\nprint(os.listdir('/work'), os.listdir('/tmp'))"}))
             .await;
         assert!(
             matches!(r["sandbox"].as_str(), Some("fresh" | "cold")),
             "{r}"
         );
-        let host = run(&r)["stdout"].as_str().unwrap().trim().to_string();
+        let out = run(&r)["stdout"].as_str().unwrap().to_string();
+        let (host, files) = out.trim().split_once('\n').unwrap();
+        // The pool's warm-up left nothing behind either.
+        assert_eq!(files, "['main.py'] []", "{r}");
+        let host = host.to_string();
         assert!(
             seen.insert(host.clone()),
             "fresh job got a used sandbox {host}"
