@@ -389,7 +389,10 @@ impl Agent {
                 }
             },
         };
-        self.refill.notify_one();
+        if source != Source::Warm {
+            // The pool shrank: let the refiller start a replacement now, not at its next tick.
+            self.refill.notify_one();
+        }
         metrics::counter!("codefleet_sandbox_acquired_total", "language" => key.language.clone(), "source" => source.as_str())
             .increment(1);
 
