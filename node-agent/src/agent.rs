@@ -309,6 +309,7 @@ impl Agent {
             scratch_bytes: self.config.scratch_bytes,
             file_size_bytes: max.file_size_bytes,
             open_files: OPEN_FILES,
+            channel: None,
         }
     }
 
@@ -322,7 +323,9 @@ impl Agent {
             ImageStatus::Ready { tag, .. } => tag,
             other => return Err(SandboxError::Failed(format!("image not ready: {other:?}"))),
         };
-        Sandbox::start(&self.docker, &self.spec(key, &tag, kind), &self.reaper).await
+        let spec = self.spec(key, &tag, kind);
+        let channel_root = self.config.channel_root();
+        Sandbox::start(&self.docker, &spec, &self.reaper, channel_root.as_deref()).await
     }
 
     /// Starts a pool sandbox and runs the language's warm-up program in it, then resets it: the

@@ -53,6 +53,16 @@ pub struct Config {
     #[arg(long, env = "CODEFLEET_REGISTRY")]
     pub registry: Option<String>,
 
+    /// How the agent talks to each sandbox's supervisor: `socket` (a unix socket in a
+    /// root-only directory below `--run-dir`, mounted into the sandbox) or `attach` (the
+    /// container's attach stream through dockerd).
+    #[arg(long, env = "CODEFLEET_CHANNEL_KIND", value_enum, default_value_t = ChannelKind::Socket)]
+    pub channel: ChannelKind,
+
+    /// Host directory for the sandboxes' sockets (`<run-dir>/<node id>/...`).
+    #[arg(long, env = "CODEFLEET_RUN_DIR", default_value_os_t = std::env::temp_dir().join("codefleet-run"))]
+    pub run_dir: PathBuf,
+
     /// Jobs run at once on this node.
     #[arg(long, env = "CODEFLEET_SLOTS", default_value_t = 8)]
     pub slots: u32,
@@ -130,6 +140,12 @@ pub struct Config {
     pub prepare_only: bool,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ChannelKind {
+    Socket,
+    Attach,
+}
+
 fn parse_node_id(s: &str) -> Result<String, String> {
     let ok = !s.is_empty()
         && s.len() <= 64
@@ -149,6 +165,11 @@ impl Config {
         config.node_id = node_id.to_string();
         config.listen = listen;
         config
+    }
+
+    /// This node's directory of sandbox sockets, when sockets are used.
+    pub fn channel_root(&self) -> Option<PathBuf> {
+        (self.channel == ChannelKind::Socket).then(|| self.run_dir.join(&self.node_id))
     }
 
     pub fn default_limits(&self) -> ResolvedLimits {

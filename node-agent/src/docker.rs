@@ -12,6 +12,7 @@ use bollard::query_parameters::{
     ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
 };
 use bytes::Bytes;
+use codefleet_shared::sandbox::{CHANNEL_DIR_IN_SANDBOX, CHANNEL_ENV, CHANNEL_SOCKET};
 use futures_util::{Stream, StreamExt};
 use tokio::io::AsyncWrite;
 
@@ -72,6 +73,9 @@ pub struct SandboxSpec {
     pub scratch_bytes: u64,
     pub file_size_bytes: u64,
     pub open_files: u64,
+    /// Host directory holding the agent's socket for this sandbox (mounted at
+    /// `/run/codefleet`); `None` for the attach stream.
+    pub channel: Option<String>,
 }
 
 /// The byte streams of an attached container: what it writes, and its stdin.
@@ -207,6 +211,15 @@ impl Docker {
             soft: Some(v as i64),
             hard: Some(v as i64),
         };
+        let mut binds = vec![format!("{}:{}:ro", spec.supervisor, SUPERVISOR_IN_SANDBOX)];
+        let mut env =
+            vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string()];
+        if let Some(dir) = &spec.channel {
+            binds.push(format!("{dir}:{CHANNEL_DIR_IN_SANDBOX}:rw"));
+            env.push(format!(
+                "{CHANNEL_ENV}={CHANNEL_DIR_IN_SANDBOX}/{CHANNEL_SOCKET}"
+            ));
+        }
         let host = HostConfig {
             privileged: Some(false),
             network_mode: Some("none".to_string()),
@@ -229,10 +242,7 @@ impl Docker {
                 ulimit("fsize", spec.file_size_bytes),
                 ulimit("core", 0),
             ]),
-            binds: Some(vec![format!(
-                "{}:{}:ro",
-                spec.supervisor, SUPERVISOR_IN_SANDBOX
-            )]),
+            binds: Some(binds),
             log_config: Some(HostConfigLogConfig {
                 typ: Some("none".to_string()),
                 config: None,
@@ -246,9 +256,7 @@ impl Docker {
             entrypoint: Some(vec![SUPERVISOR_IN_SANDBOX.to_string()]),
             cmd: Some(vec![]),
             user: Some("0:0".to_string()),
-            env: Some(vec![
-                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
-            ]),
+            env: Some(env),
             labels: Some(labels),
             attach_stdin: Some(true),
             attach_stdout: Some(true),

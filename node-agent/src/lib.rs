@@ -134,6 +134,10 @@ async fn startup(agent: Arc<Agent>) {
         }
         Err(e) => tracing::error!(error = %e, "could not list this node's old containers"),
     }
+    // The sockets of those containers went with them.
+    if let Some(dir) = agent.config.channel_root() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
     agent.started.store(true, Ordering::SeqCst);
     agent.prepare_all().await;
 }
@@ -165,6 +169,9 @@ pub async fn remove_owned(docker: &Docker, node: &str) -> Result<usize, docker::
 async fn cleanup(agent: &Agent) {
     drop(agent.pools.drain());
     drop(agent.sessions.drain());
+    if let Some(dir) = agent.config.channel_root() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
     let mut quiet_rounds = 0;
     for _ in 0..20 {
         match remove_owned(&agent.docker, agent.node()).await {

@@ -5,10 +5,16 @@
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use tokio::io::AsyncWriteExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixListener;
 use tokio::sync::mpsc;
 
-use codefleet_shared::sandbox::{Command, Event, Job, StageOutcome, PROTOCOL_VERSION};
+use codefleet_shared::sandbox::{
+    Command, Event, Job, StageOutcome, CHANNEL_SOCKET, PROTOCOL_VERSION,
+};
 
 use crate::docker::{Docker, DockerError, SandboxSpec};
 
@@ -69,24 +75,77 @@ pub struct Sandbox {
     input: std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>,
     events: mpsc::Receiver<Event>,
     reaper: Reaper,
+    /// The host directory of this sandbox's socket, removed with it.
+    channel_dir: Option<PathBuf>,
 }
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
         self.reaper.remove(std::mem::take(&mut self.id));
+        if let Some(dir) = self.channel_dir.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// A sandbox's socket: a fresh directory only root may enter (the job's user cannot reach it
+/// from inside the sandbox), and a listener in it for the supervisor to connect to.
+struct Channel {
+    dir: PathBuf,
+    listener: UnixListener,
+}
+
+impl Channel {
+    /// `None` when the directory would not be root's (an agent not running as root): the
+    /// supervisor, root without `DAC_OVERRIDE`, could not enter it; the attach stream serves.
+    fn bind(root: &Path) -> std::io::Result<Option<Channel>> {
+        std::fs::create_dir_all(root)?;
+        let dir = root.join(format!("{:08x}", rand::random::<u32>()));
+        std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+        if std::fs::metadata(&dir)?.uid() != 0 {
+            let _ = std::fs::remove_dir(&dir);
+            return Ok(None);
+        }
+        match UnixListener::bind(dir.join(CHANNEL_SOCKET)) {
+            Ok(listener) => Ok(Some(Channel { dir, listener })),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(e)
+            }
+        }
     }
 }
 
 impl Sandbox {
-    /// Creates, attaches and starts a container, and waits for its supervisor's hello.
+    /// Creates and starts a container, connects to its supervisor (through a socket in a
+    /// directory below `channel_root`, or the attach stream when that is `None`), and waits for
+    /// the supervisor's hello.
     pub async fn start(
         docker: &Docker,
         spec: &SandboxSpec,
         reaper: &Reaper,
+        channel_root: Option<&Path>,
     ) -> Result<Sandbox, SandboxError> {
-        let id = docker.create_sandbox(spec).await?;
+        let channel = match channel_root {
+            Some(root) => Channel::bind(root)
+                .map_err(|e| SandboxError::Failed(format!("binding the sandbox's socket: {e}")))?,
+            None => None,
+        };
+        let mut spec = spec.clone();
+        spec.channel = channel.as_ref().map(|c| c.dir.display().to_string());
+        let created = docker.create_sandbox(&spec).await;
+        let channel_dir = channel.as_ref().map(|c| c.dir.clone());
+        let id = match created {
+            Ok(id) => id,
+            Err(e) => {
+                if let Some(dir) = channel_dir {
+                    let _ = std::fs::remove_dir_all(dir);
+                }
+                return Err(e.into());
+            }
+        };
         metrics::counter!("codefleet_containers_created_total", "language" => spec.language.clone()).increment(1);
-        // From here on the container is owned by the guard below, whatever happens.
+        // From here on the container and its socket are owned by the guard below.
         let (tx, events) = mpsc::channel(16);
         let mut sandbox = Sandbox {
             id,
@@ -98,11 +157,27 @@ impl Sandbox {
             input: Box::pin(tokio::io::sink()),
             events,
             reaper: reaper.clone(),
+            channel_dir,
         };
-        let attached = docker.attach(&sandbox.id).await?;
-        sandbox.input = attached.input;
-        tokio::spawn(read_events(attached.output, tx));
-        docker.start(&sandbox.id).await?;
+        match channel {
+            Some(channel) => {
+                docker.start(&sandbox.id).await?;
+                let wait = Duration::from_secs(30);
+                let (stream, _) = tokio::time::timeout(wait, channel.listener.accept())
+                    .await
+                    .map_err(|_| SandboxError::Unresponsive(wait))?
+                    .map_err(|e| SandboxError::Failed(format!("accepting the supervisor: {e}")))?;
+                let (read, write) = stream.into_split();
+                sandbox.input = Box::pin(write);
+                tokio::spawn(read_events(Box::pin(reader_stream(read)), tx));
+            }
+            None => {
+                let attached = docker.attach(&sandbox.id).await?;
+                sandbox.input = attached.input;
+                tokio::spawn(read_events(attached.output, tx));
+                docker.start(&sandbox.id).await?;
+            }
+        }
         match sandbox.next_event(Duration::from_secs(30)).await? {
             Event::Hello { version, .. } if version == PROTOCOL_VERSION => Ok(sandbox),
             Event::Hello { version, .. } => Err(SandboxError::Protocol(version)),
@@ -172,7 +247,23 @@ fn job_uid() -> u32 {
     rand::random_range(100_000..1_000_000_000)
 }
 
-/// Splits the container's stdout into lines and decodes each as an `Event`.
+/// The bytes of a socket's read half as a stream, ending at EOF or the first error.
+fn reader_stream(
+    read: tokio::net::unix::OwnedReadHalf,
+) -> impl futures_util::Stream<Item = Result<bytes::Bytes, DockerError>> + Send {
+    futures_util::stream::unfold(read, |mut read| async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        match read.read(&mut buf).await {
+            Ok(0) | Err(_) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok(bytes::Bytes::from(buf)), read))
+            }
+        }
+    })
+}
+
+/// Splits the supervisor's output into lines and decodes each as an `Event`.
 async fn read_events(
     mut output: std::pin::Pin<
         Box<dyn futures_util::Stream<Item = Result<bytes::Bytes, DockerError>> + Send>,

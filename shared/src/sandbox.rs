@@ -1,7 +1,9 @@
 //! The protocol between a node agent and the supervisor that runs as PID 1 in every sandbox.
 //!
-//! The channel is the container's attached stdin (agent → supervisor) and stdout (supervisor →
-//! agent), set up once when the container starts. Each message is one JSON object on one line
+//! The channel is set up once, when the container starts: a unix socket that the agent binds in
+//! a host directory only root may enter, mounted into the sandbox (the job's user cannot reach
+//! it), or else the container's attached stdin (agent → supervisor) and stdout (supervisor →
+//! agent). The socket skips dockerd and containerd-shim on every message. Each message is one JSON object on one line
 //! (newline-delimited JSON): serde_json never writes a raw newline inside a value, so a line is a
 //! frame however Docker splits or merges the bytes on the way. The supervisor speaks first with
 //! `Hello`, which names the protocol version; an agent that does not know that version discards
@@ -14,6 +16,14 @@ use crate::api::StageResult;
 
 /// Version of this protocol. Bumped on any incompatible change.
 pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Environment variable naming the unix socket the supervisor connects to. When it is absent
+/// the supervisor speaks on its stdin and stdout (the container's attach stream) instead.
+pub const CHANNEL_ENV: &str = "CODEFLEET_CHANNEL";
+/// Where the agent mounts the channel's directory inside the sandbox.
+pub const CHANNEL_DIR_IN_SANDBOX: &str = "/run/codefleet";
+/// The socket's name in that directory.
+pub const CHANNEL_SOCKET: &str = "agent.sock";
 
 /// Agent → supervisor.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -17,9 +17,10 @@ mod run;
 mod sys;
 
 use std::io::{self, BufRead, Write};
+use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use codefleet_shared::sandbox::{Command, Event, PROTOCOL_VERSION};
+use codefleet_shared::sandbox::{Command, Event, CHANNEL_ENV, PROTOCOL_VERSION};
 
 fn send(out: &mut impl Write, event: &Event) -> io::Result<()> {
     let mut line = serde_json::to_vec(event).expect("events always serialize");
@@ -31,8 +32,18 @@ fn send(out: &mut impl Write, event: &Event) -> io::Result<()> {
 fn main() {
     sys::set_non_dumpable();
     let cgroup = cgroup::Cgroup::detect();
-    let stdout = io::stdout();
-    let mut out = stdout.lock();
+    // The channel: a unix socket the agent bound in a directory only root can enter (set up
+    // once at container start), or else the container's attached stdin and stdout.
+    let (input, mut out): (Box<dyn BufRead>, Box<dyn Write>) = match std::env::var_os(CHANNEL_ENV) {
+        Some(path) => match UnixStream::connect(&path).and_then(|s| Ok((s.try_clone()?, s))) {
+            Ok((read, write)) => (Box::new(io::BufReader::new(read)), Box::new(write)),
+            Err(e) => {
+                eprintln!("codefleet-supervisor: cannot connect to {path:?}: {e}");
+                return;
+            }
+        },
+        None => (Box::new(io::stdin().lock()), Box::new(io::stdout().lock())),
+    };
     let hello = Event::Hello {
         version: PROTOCOL_VERSION,
         cgroup: cgroup.version.to_string(),
@@ -40,9 +51,8 @@ fn main() {
     if send(&mut out, &hello).is_err() {
         return;
     }
-    let stdin = io::stdin();
     let mut last_user = None;
-    for line in stdin.lock().lines() {
+    for line in input.lines() {
         let Ok(line) = line else { break };
         if line.trim().is_empty() {
             continue;

@@ -36,8 +36,10 @@ pub fn containers_of(node: &str) -> Vec<String> {
         .collect()
 }
 
-/// Removes every container labelled with `node` (blocking; for use in `Drop`).
+/// Removes every container labelled with `node` (blocking; for use in `Drop`), and the node's
+/// socket directory, which an agent killed with -9 leaves behind.
 pub fn remove_containers_of(node: &str) {
+    let _ = std::fs::remove_dir_all(std::env::temp_dir().join("codefleet-run").join(node));
     let ids = containers_of(node);
     if !ids.is_empty() {
         let _ = Command::new("docker")

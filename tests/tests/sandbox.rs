@@ -12,10 +12,13 @@ fn run(r: &Value) -> &Value {
 
 /// A small pool: consecutive `recycled` jobs share a container (recycled ones are preferred).
 async fn one_sandbox_agent(name: &str) -> TestAgent {
-    let opts = AgentOpts::languages(&["python", "cpp"])
+    TestAgent::start(name, small_pool()).await
+}
+
+fn small_pool() -> AgentOpts {
+    AgentOpts::languages(&["python", "cpp"])
         .arg("--pool-min", 1)
-        .arg("--pool-max", 2);
-    TestAgent::start(name, opts).await
+        .arg("--pool-max", 2)
 }
 
 async fn assert_ready(agent: &TestAgent) {
@@ -135,18 +138,28 @@ async fn abuse_is_contained_and_answered_with_the_right_status() {
         .await;
     assert_eq!(run(&r)["stdout"], "False False\n", "{r}");
 
-    // The supervisor (PID 1) cannot be signalled or inspected by the job.
+    // The supervisor (PID 1) cannot be signalled or inspected by the job, nor can the job reach
+    // the agent's socket directory.
     let r = api
-        .python("import os, signal\ntry:\n    os.kill(1, signal.SIGKILL)\n    print('killed pid 1')\nexcept OSError as e:\n    print(e.errno)\ntry:\n    os.listdir('/proc/1/fd')\nexcept OSError as e:\n    print(e.errno)\n")
+        .python("import os, signal\ntry:\n    os.kill(1, signal.SIGKILL)\n    print('killed pid 1')\nexcept OSError as e:\n    print(e.errno)\nfor p in ['/proc/1/fd', '/run/codefleet']:\n    try:\n        os.listdir(p)\n    except OSError as e:\n        print(e.errno)\n")
         .await;
-    assert_eq!(run(&r)["stdout"], "1\n13\n", "{r}");
+    assert_eq!(run(&r)["stdout"], "1\n13\n13\n", "{r}");
     assert_ready(&agent).await;
     agent.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_of_one_job_is_visible_to_the_next_in_the_same_sandbox() {
-    let agent = one_sandbox_agent("isolation").await;
+    isolation_between_jobs(TestAgent::start("isolation", small_pool()).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_attach_stream_channel_isolates_jobs_the_same_way() {
+    let opts = small_pool().arg("--channel", "attach");
+    isolation_between_jobs(TestAgent::start("isolation-attach", opts).await).await;
+}
+
+async fn isolation_between_jobs(agent: TestAgent) {
     let api = &agent.api;
     // Make sure the pool's one sandbox is warm.
     let first = api
