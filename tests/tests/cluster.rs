@@ -465,10 +465,13 @@ async fn a_session_keeps_its_files_on_its_node_until_deleted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_that_freezes_mid_job_is_noticed_by_a_probe_before_it_misses_three_reports() {
+async fn a_node_that_freezes_mid_job_is_noticed_by_a_probe_long_before_it_misses_its_reports() {
+    // Ten missed reports before a silent node is down: without the probe the frozen node's job
+    // would wait about ten seconds.
     let mut cluster = Cluster::named("freeze")
         .agents(2)
         .languages(&[PY])
+        .gateway_arg("--missed-reports", 10)
         .start()
         .await;
     let py = cluster.primary(PY);
@@ -483,9 +486,9 @@ async fn a_node_that_freezes_mid_job_is_noticed_by_a_probe_before_it_misses_thre
     cluster.agent(&py).signal("CONT");
     eprintln!("node_lost {answered_after:?} after the freeze");
     assert_problem(&answer, StatusCode::BAD_GATEWAY, "node_lost");
-    // Three missed reports would take 3 s from the last report; the probe answers sooner.
+    // The probe answers within about two seconds; the bound leaves room for a busy machine.
     assert!(
-        answered_after < Duration::from_millis(2_900),
+        answered_after < Duration::from_secs(5),
         "node_lost {answered_after:?} after the freeze"
     );
     assert_nothing_left(cluster.stop().await).await;
