@@ -12,6 +12,7 @@ use axum::extract::{FromRequest, Request, State};
 use axum::http::{header, HeaderMap};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use codefleet_shared::auth::secrets_equal;
 use serde::de::DeserializeOwned;
 
 use crate::config::Config;
@@ -146,7 +147,7 @@ impl Keys {
     /// An operations request: the admin key; open only when no key of any kind is configured.
     pub fn check_admin(&self, token: Option<&str>) -> Result<(), GatewayError> {
         let ok = match &self.admin {
-            Some(admin) => token.is_some_and(|t| same(t, admin)),
+            Some(admin) => token.is_some_and(|t| secrets_equal(t, admin)),
             None => self.clients.is_empty(),
         };
         ok.then_some(()).ok_or_else(|| {
@@ -160,7 +161,7 @@ impl Keys {
     /// A report from an agent: the cluster token, when one is configured.
     pub fn check_cluster(&self, token: Option<&str>) -> Result<(), GatewayError> {
         let ok = match &self.cluster_token {
-            Some(expected) => token.is_some_and(|t| same(t, expected)),
+            Some(expected) => token.is_some_and(|t| secrets_equal(t, expected)),
             None => true,
         };
         ok.then_some(()).ok_or(GatewayError::Unauthorized(
@@ -169,23 +170,10 @@ impl Keys {
     }
 }
 
-/// Compares secrets in time that depends only on their lengths.
-fn same(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0, |acc, (x, y)| acc | (x ^ y))
-            == 0
-}
-
 /// The token of `Authorization: Bearer <token>`.
 pub fn bearer(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim())
-        .filter(|t| !t.is_empty())
+    codefleet_shared::auth::bearer_token(value)
 }
 
 /// Middleware for the public `/v1/*` routes.

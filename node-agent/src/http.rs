@@ -16,6 +16,7 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use tracing::Instrument;
 
+use codefleet_shared::auth;
 use codefleet_shared::validate::json_depth;
 use codefleet_shared::{CreateSession, ErrorCode, ExecuteRequest, Problem};
 
@@ -89,21 +90,13 @@ async fn authorize(State(agent): State<Arc<Agent>>, req: Request, next: Next) ->
     next.run(req).await
 }
 
-/// Compares the bearer token in constant time for equal lengths.
+/// Whether the request carries `Authorization: Bearer <expected>`.
 pub fn bearer_matches(headers: &HeaderMap, expected: &str) -> bool {
-    let Some(got) = headers
+    headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-    else {
-        return false;
-    };
-    got.len() == expected.len()
-        && got
-            .bytes()
-            .zip(expected.bytes())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
+        .and_then(auth::bearer_token)
+        .is_some_and(|got| auth::secrets_equal(got, expected))
 }
 
 /// Reads a JSON body within the size and depth limits.
