@@ -2,7 +2,7 @@
 //! A `Sandbox` removes its container when dropped (through the reaper), so a cancelled request
 //! or a panic leaves nothing behind.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
@@ -67,11 +67,8 @@ impl Reaper {
 
 pub struct Sandbox {
     pub id: String,
-    pub language: String,
-    pub memory_bytes: u64,
     pub uid: u32,
     pub jobs_run: u32,
-    pub created: Instant,
     input: std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>,
     events: mpsc::Receiver<Event>,
     reaper: Reaper,
@@ -149,11 +146,8 @@ impl Sandbox {
         let (tx, events) = mpsc::channel(16);
         let mut sandbox = Sandbox {
             id,
-            language: spec.language.clone(),
-            memory_bytes: spec.memory_bytes,
             uid: job_uid(),
             jobs_run: 0,
-            created: Instant::now(),
             input: Box::pin(tokio::io::sink()),
             events,
             reaper: reaper.clone(),
