@@ -23,9 +23,10 @@ async fn a_restart_after_kill_9_removes_the_orphans_of_its_node_only() {
     let bystander = node_id("kill9-bystander");
     let opts = AgentOpts::languages(&["python"]);
     let other = AgentProcess::spawn(&bystander, free_port(), &opts).await;
-    // Its one pool sandbox, once the image probe's container is gone.
+    // Its one pool sandbox ready, and the image probe's container gone.
     eventually(Duration::from_secs(30), "bystander settled", async || {
         containers_of(&bystander).len() == 1
+            && other.api.get("/v1/capacity").await.body["languages"]["python"]["warm"] == 1
     })
     .await;
     let bystanders = containers_of(&bystander);
