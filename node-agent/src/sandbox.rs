@@ -12,6 +12,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
 use tokio::sync::mpsc;
 
+/// The supervisor's output: chunks of newline-delimited JSON events.
+type Output =
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<bytes::Bytes, DockerError>> + Send>>;
+
 use codefleet_shared::sandbox::{
     Command, Event, Job, StageOutcome, CHANNEL_SOCKET, PROTOCOL_VERSION,
 };
@@ -70,7 +74,11 @@ pub struct Sandbox {
     pub uid: u32,
     pub jobs_run: u32,
     input: std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>,
-    events: mpsc::Receiver<Event>,
+    /// Read by whoever waits for an event, in its own task: no hop through another task on
+    /// the way from the supervisor's answer to the caller's response.
+    output: Output,
+    /// Bytes read but not yet decoded (at most one partial line after each event).
+    pending: Vec<u8>,
     reaper: Reaper,
     /// The host directory of this sandbox's socket, removed with it.
     channel_dir: Option<PathBuf>,
@@ -143,13 +151,13 @@ impl Sandbox {
         };
         metrics::counter!("codefleet_containers_created_total", "language" => spec.language.clone()).increment(1);
         // From here on the container and its socket are owned by the guard below.
-        let (tx, events) = mpsc::channel(16);
         let mut sandbox = Sandbox {
             id,
             uid: job_uid(),
             jobs_run: 0,
             input: Box::pin(tokio::io::sink()),
-            events,
+            output: Box::pin(futures_util::stream::empty()),
+            pending: Vec::new(),
             reaper: reaper.clone(),
             channel_dir,
         };
@@ -163,12 +171,12 @@ impl Sandbox {
                     .map_err(|e| SandboxError::Failed(format!("accepting the supervisor: {e}")))?;
                 let (read, write) = stream.into_split();
                 sandbox.input = Box::pin(write);
-                tokio::spawn(read_events(Box::pin(reader_stream(read)), tx));
+                sandbox.output = Box::pin(reader_stream(read));
             }
             None => {
                 let attached = docker.attach(&sandbox.id).await?;
                 sandbox.input = attached.input;
-                tokio::spawn(read_events(attached.output, tx));
+                sandbox.output = attached.output;
                 docker.start(&sandbox.id).await?;
             }
         }
@@ -196,10 +204,28 @@ impl Sandbox {
     }
 
     async fn next_event(&mut self, within: Duration) -> Result<Event, SandboxError> {
-        match tokio::time::timeout(within, self.events.recv()).await {
+        match tokio::time::timeout(within, self.read_event()).await {
             Ok(Some(event)) => Ok(event),
             Ok(None) => Err(SandboxError::Lost),
             Err(_) => Err(SandboxError::Unresponsive(within)),
+        }
+    }
+
+    /// The next event, or `None` once the supervisor is gone. Cancel-safe: bytes already read
+    /// stay in `pending`, and the stream keeps a read in progress.
+    async fn read_event(&mut self) -> Option<Event> {
+        loop {
+            while let Some(pos) = self.pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.pending.drain(..=pos).collect();
+                match serde_json::from_slice::<Event>(&line) {
+                    Ok(event) => return Some(event),
+                    Err(e) => tracing::warn!(error = %e, "unreadable line from a supervisor"),
+                }
+            }
+            match self.output.next().await {
+                Some(Ok(chunk)) => self.pending.extend_from_slice(&chunk),
+                Some(Err(_)) | None => return None,
+            }
         }
     }
 
@@ -255,28 +281,4 @@ fn reader_stream(
             }
         }
     })
-}
-
-/// Splits the supervisor's output into lines and decodes each as an `Event`.
-async fn read_events(
-    mut output: std::pin::Pin<
-        Box<dyn futures_util::Stream<Item = Result<bytes::Bytes, DockerError>> + Send>,
-    >,
-    tx: mpsc::Sender<Event>,
-) {
-    let mut buf: Vec<u8> = Vec::new();
-    while let Some(Ok(chunk)) = output.next().await {
-        buf.extend_from_slice(&chunk);
-        while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = buf.drain(..=pos).collect();
-            match serde_json::from_slice::<Event>(&line) {
-                Ok(event) => {
-                    if tx.send(event).await.is_err() {
-                        return;
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "unreadable line from a supervisor"),
-            }
-        }
-    }
 }
