@@ -69,6 +69,10 @@ const EXEC_CONTAINERS: usize = 8;
 const KILL_AFTER_MS: u64 = 200;
 /// Nodes in the routing benchmark.
 const ROUTING_NODES: usize = 1_000;
+/// Pause before every sequential sample, whatever its path: the previous sample's aftermath
+/// (dockerd and the shim finishing an exec or a removal, a sandbox's reset) must not fall into
+/// the next one's time.
+const SETTLE: Duration = Duration::from_millis(30);
 const HELLO_PY: &str = r#"{"language":"python","source":"print(1)\n"}"#;
 
 // ---------------------------------------------------------------------------------------------
@@ -1726,14 +1730,15 @@ async fn run(sizes: Sizes, nodes: &Nodes) -> anyhow::Result<()> {
     println!();
     println!("{machine_line}");
     println!(
-        "run: {} in {:.0} s; load average at end {}; sequential samples interleaved per path",
+        "run: {} in {:.0} s; load average at end {}; sequential samples interleaved per path, {} ms pause before each",
         if sizes.quick {
             "quick (FLEET_BENCH_QUICK=1)"
         } else {
             "full"
         },
         started.elapsed().as_secs_f64(),
-        load_average()
+        load_average(),
+        SETTLE.as_millis()
     );
     println!(
         "(c) = the program's own time: bash EPOCHREALTIME around compile+run inside an already running container (same image and limits as a sandbox, via docker exec); (c') = the supervisor's wall_time_ms of the (d) jobs"
@@ -1741,6 +1746,10 @@ async fn run(sizes: Sizes, nodes: &Nodes) -> anyhow::Result<()> {
     println!();
     print!("{}", table.render());
     Ok(())
+}
+
+async fn settle() {
+    tokio::time::sleep(SETTLE).await;
 }
 
 fn progress(started: Instant, what: &str) {
@@ -1773,7 +1782,10 @@ async fn sequential(env: &Env, lang: &Lang, plan: LangPlan) -> Seq {
                     .await
             };
             let sample = match ready.await {
-                Ok(()) => env.fresh.hello(&lang.hello_fresh()).await,
+                Ok(()) => {
+                    settle().await;
+                    env.fresh.hello(&lang.hello_fresh()).await
+                }
                 Err(e) => Err(e),
             };
             if let Some((ms, r)) = s.errors.record("e", sample) {
@@ -1788,7 +1800,10 @@ async fn sequential(env: &Env, lang: &Lang, plan: LangPlan) -> Seq {
                 .wait_count(&env.cold_node, 0, Duration::from_secs(30))
                 .await;
             let sample = match quiet {
-                Ok(()) => env.cold.hello(&lang.hello()).await,
+                Ok(()) => {
+                    settle().await;
+                    env.cold.hello(&lang.hello()).await
+                }
                 Err(e) => Err(e),
             };
             if let Some((ms, r)) = s.errors.record("f", sample) {
@@ -1800,6 +1815,7 @@ async fn sequential(env: &Env, lang: &Lang, plan: LangPlan) -> Seq {
             }
             let first_run = async {
                 let id = env.engine.start_idle(lang).await?;
+                settle().await;
                 let times = env.engine.timed(&id, lang, 1).await;
                 env.engine.remove(&id).await?;
                 times
@@ -1809,6 +1825,7 @@ async fn sequential(env: &Env, lang: &Lang, plan: LangPlan) -> Seq {
                     s.c0.push(v);
                 }
             }
+            settle().await;
             if let Some((ms, steps)) = s
                 .errors
                 .record("a", bounded("docker run", env.engine.run_once(lang)).await)
@@ -1820,6 +1837,7 @@ async fn sequential(env: &Env, lang: &Lang, plan: LangPlan) -> Seq {
             }
         }
         if plan.all_paths {
+            settle().await;
             let t = Instant::now();
             if s.errors
                 .record(
@@ -1831,6 +1849,7 @@ async fn sequential(env: &Env, lang: &Lang, plan: LangPlan) -> Seq {
                 s.b.push(ms_since(t));
             }
         }
+        settle().await;
         if let Some(times) = s.errors.record(
             "c",
             bounded("timed exec", env.engine.timed(&idle, lang, 1)).await,
@@ -1839,6 +1858,7 @@ async fn sequential(env: &Env, lang: &Lang, plan: LangPlan) -> Seq {
                 s.c.push(v);
             }
         }
+        settle().await;
         if let Some((ms, r)) = s.errors.record("d", env.main.hello(&lang.hello()).await) {
             if r.sandbox.as_deref() == Some("warm") {
                 s.d.push(ms);
@@ -2026,7 +2046,9 @@ async fn overhead_pairs(
         } else {
             (gateway, direct, false)
         };
+        settle().await;
         let x = first.hello(body).await.map(|(ms, _)| ms);
+        settle().await;
         let y = second.hello(body).await.map(|(ms, _)| ms);
         let (dr, gr) = if first_is_direct { (x, y) } else { (y, x) };
         let dr = errors.record("direct", dr);
