@@ -21,6 +21,27 @@ fn small_pool() -> AgentOpts {
         .arg("--pool-max", 2)
 }
 
+/// The job ran in a pool sandbox (reset after an earlier job, or never used), not a cold one.
+fn pooled(r: &Value) {
+    assert!(
+        matches!(r["sandbox"].as_str(), Some("warm" | "fresh")),
+        "ran on the warm path: {r}"
+    );
+}
+
+/// Waits until the agent reports at least `n` ready sandboxes for `language`.
+async fn wait_warm(agent: &TestAgent, language: &str, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let cap = agent.api.get("/v1/capacity").await.body;
+        if cap["languages"][language]["warm"].as_u64().unwrap_or(0) >= n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{language} pool at {n}: {cap}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn assert_ready(agent: &TestAgent) {
     let r = agent.api.get("/readyz").await;
     assert_eq!(r.status, StatusCode::OK, "agent stays ready");
@@ -32,6 +53,7 @@ async fn assert_ready(agent: &TestAgent) {
 async fn abuse_is_contained_and_answered_with_the_right_status() {
     let agent = one_sandbox_agent("abuse").await;
     let api = &agent.api;
+    wait_warm(&agent, "python", 1).await;
 
     // Fork bomb: the process limit holds, the wall limit ends it.
     let r = api
@@ -39,30 +61,43 @@ async fn abuse_is_contained_and_answered_with_the_right_status() {
             "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"}))
         .await;
     assert_eq!(r["status"], "timeout", "fork bomb: {r}");
+    pooled(&r);
     assert_ready(&agent).await;
 
-    // Memory bomb.
-    let r = api
-        .execute(
-            json!({"language": "python", "limits": {"memory_bytes": 64 << 20}, "source":
-            "chunks = []\nwhile True:\n    chunks.append(bytearray(8 << 20))\n"}),
-        )
-        .await;
-    assert_eq!(r["status"], "memory_limit", "memory bomb: {r}");
-    assert_ready(&agent).await;
+    // Memory bombs, each limit its own pool (a cgroup's limit is fixed): the first job of a
+    // limit starts that pool's sandbox, the second runs in it again after its reset.
+    for round in 0..2 {
+        let r = api
+            .execute(
+                json!({"language": "python", "limits": {"memory_bytes": 64 << 20}, "source":
+                "chunks = []\nwhile True:\n    chunks.append(bytearray(8 << 20))\n"}),
+            )
+            .await;
+        assert_eq!(r["status"], "memory_limit", "memory bomb: {r}");
+        if round == 1 {
+            assert_eq!(r["sandbox"], "warm", "memory bomb on a reset sandbox: {r}");
+        }
+        assert_ready(&agent).await;
 
-    // Memory bomb in C++ through the warm path too (a different pool: its own memory limit).
-    let r = api
-        .execute(json!({"language": "cpp", "limits": {"memory_bytes": 48 << 20}, "source":
-            "#include <vector>\n#include <cstring>\nint main(){ std::vector<char*> v; for(;;){ char* p = new char[1<<20]; std::memset(p, 1, 1<<20); v.push_back(p);} }"}))
-        .await;
-    assert_eq!(r["status"], "memory_limit", "C++ memory bomb: {r}");
+        let r = api
+            .execute(json!({"language": "cpp", "limits": {"memory_bytes": 48 << 20}, "source":
+                "#include <vector>\n#include <cstring>\nint main(){ std::vector<char*> v; for(;;){ char* p = new char[1<<20]; std::memset(p, 1, 1<<20); v.push_back(p);} }"}))
+            .await;
+        assert_eq!(r["status"], "memory_limit", "C++ memory bomb: {r}");
+        if round == 1 {
+            assert_eq!(
+                r["sandbox"], "warm",
+                "C++ memory bomb on a reset sandbox: {r}"
+            );
+        }
+    }
 
     // CPU spin: the CPU limit.
     let r = api
         .execute(json!({"language": "python", "limits": {"cpu_time_ms": 700, "wall_time_ms": 30000}, "source": "while True:\n    pass\n"}))
         .await;
     assert_eq!(r["status"], "timeout", "cpu spin: {r}");
+    pooled(&r);
     let cpu = run(&r)["cpu_time_ms"].as_u64().unwrap();
     assert!(
         (700..1200).contains(&cpu),
@@ -75,6 +110,7 @@ async fn abuse_is_contained_and_answered_with_the_right_status() {
         .execute(json!({"language": "python", "limits": {"wall_time_ms": 600}, "source": "import time\ntime.sleep(30)\n"}))
         .await;
     assert_eq!(r["status"], "timeout", "sleep: {r}");
+    pooled(&r);
     let wall = run(&r)["wall_time_ms"].as_u64().unwrap();
     // Generous bounds: the machine is shared; the benchmark reports the real overshoot.
     assert!(
@@ -92,6 +128,7 @@ async fn abuse_is_contained_and_answered_with_the_right_status() {
         .execute(json!({"language": "python", "limits": {"output_bytes": 10000}, "source": "while True:\n    print('x' * 999)\n"}))
         .await;
     assert_eq!(r["status"], "output_limit", "flood: {r}");
+    pooled(&r);
     assert_eq!(run(&r)["stdout_truncated"], true);
     assert_eq!(run(&r)["stdout"].as_str().unwrap().len(), 10000);
 
@@ -103,6 +140,7 @@ async fn abuse_is_contained_and_answered_with_the_right_status() {
             .await;
         let out = run(&r)["stdout"].as_str().unwrap_or_default().to_string();
         assert!(out.starts_with("stopped"), "filling {dir}: {r}");
+        pooled(&r);
         assert_ready(&agent).await;
     }
 
@@ -117,10 +155,12 @@ async fn abuse_is_contained_and_answered_with_the_right_status() {
             .starts_with("no network"),
         "{r}"
     );
+    pooled(&r);
     let r = api
         .python("import socket\nprint(sorted(n for _, n in socket.if_nameindex()))\n")
         .await;
     assert_eq!(run(&r)["stdout"], "['lo']\n", "only loopback: {r}");
+    pooled(&r);
 
     // Writes to the root filesystem fail; the job is not root and holds no capability.
     let r = api
@@ -131,12 +171,14 @@ async fn abuse_is_contained_and_answered_with_the_right_status() {
         "30\n30\n30\n30\nTrue 0000000000000000\n",
         "{r}"
     );
+    pooled(&r);
 
     // The job looks for secrets in every process's environment: none visible.
     let r = api
         .python("import glob\nseen = []\nfor p in glob.glob('/proc/[0-9]*/environ'):\n    try:\n        seen.append(open(p).read())\n    except OSError:\n        pass\nprint('TOKEN' in ''.join(seen).upper(), 'abuse-secret' in ''.join(seen))\n")
         .await;
     assert_eq!(run(&r)["stdout"], "False False\n", "{r}");
+    pooled(&r);
 
     // The supervisor (PID 1) cannot be signalled or inspected by the job, nor can the job reach
     // the agent's socket directory.
@@ -144,6 +186,7 @@ async fn abuse_is_contained_and_answered_with_the_right_status() {
         .python("import os, signal\ntry:\n    os.kill(1, signal.SIGKILL)\n    print('killed pid 1')\nexcept OSError as e:\n    print(e.errno)\nfor p in ['/proc/1/fd', '/run/codefleet']:\n    try:\n        os.listdir(p)\n    except OSError as e:\n        print(e.errno)\n")
         .await;
     assert_eq!(run(&r)["stdout"], "1\n13\n13\n", "{r}");
+    pooled(&r);
     assert_ready(&agent).await;
     agent.stop().await;
 }
@@ -247,15 +290,7 @@ async fn fresh_isolation_never_reuses_a_sandbox_and_pools_refill() {
         );
     }
     // The pool comes back to its target of ready sandboxes, off the request path.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let cap = agent.api.get("/v1/capacity").await.body;
-        if cap["languages"]["python"]["warm"].as_u64().unwrap_or(0) >= 2 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "pool refilled: {cap}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_warm(&agent, "python", 2).await;
     let r = agent.api.python("print(1)").await;
     assert!(
         matches!(r["sandbox"].as_str(), Some("warm" | "fresh")),
