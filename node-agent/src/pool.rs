@@ -50,13 +50,15 @@ pub fn target_warm(sizing: Sizing, recent_peak_in_use: u32) -> u32 {
 }
 
 /// How many fresh sandboxes to start now, given what is ready or on its way (`recycled`
-/// counts the recycled ones ready, being reset, and in use).
-pub fn to_start(target: u32, fresh: u32, recycled: u32, starting: u32) -> u32 {
+/// counts the recycled ones ready, being reset, and in use) and the pool's `max`.
+pub fn to_start(target: u32, max: u32, fresh: u32, recycled: u32, starting: u32) -> u32 {
     let have = fresh + recycled + starting;
     let want_total = target.saturating_sub(have);
-    // Keep at least one never-used sandbox ready while the pool is meant to be warm at all, so
-    // `fresh` requests are served warm too.
-    let want_fresh = u32::from(target > 0 && fresh + starting == 0);
+    // Keep one never-used sandbox ready while the pool is meant to be warm at all, so `fresh`
+    // requests are served warm too; but never beyond `max`: a pool that is full of sandboxes in
+    // use or coming back would have to discard one of them for it, and would then start a
+    // container for every job.
+    let want_fresh = u32::from(target > 0 && fresh + starting == 0 && have < max);
     want_total.max(want_fresh)
 }
 
@@ -201,10 +203,18 @@ impl Pools {
         let mut refills = Vec::new();
         let mut idle = Vec::new();
         for (key, entry) in entries.iter_mut() {
-            let target = target_warm(sizing_of(key), entry.recent_peak(now));
+            let sizing = sizing_of(key);
+            let target = target_warm(sizing, entry.recent_peak(now));
             // Sandboxes in use or being reset come back to the pool: they count as supply.
             let returning = entry.recycled.len() as u32 + entry.resetting + entry.in_use;
-            let start = to_start(target, entry.fresh.len() as u32, returning, entry.starting);
+            let max = sizing.max.max(sizing.min);
+            let start = to_start(
+                target,
+                max,
+                entry.fresh.len() as u32,
+                returning,
+                entry.starting,
+            );
             if start > 0 {
                 entry.starting += start;
                 refills.push(Refill {
@@ -269,17 +279,20 @@ mod tests {
 
     #[test]
     fn starts_what_is_missing_and_keeps_one_fresh() {
-        // (target, fresh, recycled, starting) -> start
+        // (target, max, fresh, recycled, starting) -> start
         let table = [
-            ((2, 0, 0, 0), 2),
-            ((2, 1, 0, 0), 1),
-            ((2, 0, 2, 0), 1), // all recycled: still one fresh for `fresh` jobs
-            ((2, 0, 1, 1), 0),
-            ((3, 1, 5, 0), 0),
-            ((0, 0, 0, 0), 0),
+            ((2, 8, 0, 0, 0), 2),
+            ((2, 8, 1, 0, 0), 1),
+            ((2, 8, 0, 2, 0), 1), // all recycled: still one fresh for `fresh` jobs
+            ((2, 8, 0, 1, 1), 0),
+            ((3, 8, 1, 5, 0), 0),
+            ((0, 8, 0, 0, 0), 0),
+            ((1, 1, 0, 1, 0), 0), // the one sandbox is in use: no second one beside it
+            ((2, 2, 0, 2, 0), 0), // full of recycled (or in use): no fresh beyond max
+            ((1, 1, 0, 0, 0), 1),
         ];
-        for ((t, f, r, s), want) in table {
-            assert_eq!(to_start(t, f, r, s), want, "{:?}", (t, f, r, s));
+        for ((t, m, f, r, s), want) in table {
+            assert_eq!(to_start(t, m, f, r, s), want, "{:?}", (t, m, f, r, s));
         }
     }
 }

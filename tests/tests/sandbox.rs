@@ -325,3 +325,34 @@ async fn twenty_concurrent_jobs_of_mixed_languages_all_succeed() {
     }
     agent.stop().await;
 }
+
+/// A pool of one keeps reusing its one sandbox: it does not start a never-used one beside it
+/// while the job runs, only to discard the used one when it comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_of_one_reuses_its_sandbox() {
+    let opts = AgentOpts::languages(&["python"])
+        .arg("--pool-min", 1)
+        .arg("--pool-max", 1);
+    let agent = TestAgent::start("pool-of-one", opts).await;
+    wait_warm(&agent, "python", 1).await;
+    let mut hosts = Vec::new();
+    for i in 0..8 {
+        let r = agent
+            .api
+            .python("print(open('/etc/hostname').read().strip())")
+            .await;
+        assert_eq!(r["status"], "ok", "{r}");
+        if i > 0 {
+            assert_eq!(r["sandbox"], "warm", "job {i}: {r}");
+        }
+        hosts.push(run(&r)["stdout"].as_str().unwrap().trim().to_string());
+        // Give the refiller a tick to act, as it would between real requests.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+    }
+    assert!(
+        hosts.iter().all(|h| h == &hosts[0]),
+        "one container: {hosts:?}"
+    );
+    assert_eq!(containers_of(&agent.node).len(), 1);
+    agent.stop().await;
+}
