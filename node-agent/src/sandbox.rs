@@ -12,15 +12,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
 use tokio::sync::mpsc;
 
-/// The supervisor's output: chunks of newline-delimited JSON events.
-type Output =
-    std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<bytes::Bytes, DockerError>> + Send>>;
-
 use codefleet_shared::sandbox::{
     Command, Event, Job, StageOutcome, CHANNEL_SOCKET, PROTOCOL_VERSION,
 };
 
 use crate::docker::{Docker, DockerError, SandboxSpec};
+
+/// The supervisor's output: chunks of newline-delimited JSON events.
+type Output =
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<bytes::Bytes, DockerError>> + Send>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
@@ -77,8 +77,8 @@ pub struct Sandbox {
     /// Read by whoever waits for an event, in its own task: no hop through another task on
     /// the way from the supervisor's answer to the caller's response.
     output: Output,
-    /// Bytes read but not yet decoded (at most one partial line after each event).
-    pending: Vec<u8>,
+    /// Bytes read but not yet decoded.
+    lines: Lines,
     reaper: Reaper,
     /// The host directory of this sandbox's socket, removed with it.
     channel_dir: Option<PathBuf>,
@@ -157,7 +157,7 @@ impl Sandbox {
             jobs_run: 0,
             input: Box::pin(tokio::io::sink()),
             output: Box::pin(futures_util::stream::empty()),
-            pending: Vec::new(),
+            lines: Lines::default(),
             reaper: reaper.clone(),
             channel_dir,
         };
@@ -212,18 +212,17 @@ impl Sandbox {
     }
 
     /// The next event, or `None` once the supervisor is gone. Cancel-safe: bytes already read
-    /// stay in `pending`, and the stream keeps a read in progress.
+    /// stay in `lines`, and the stream keeps a read in progress.
     async fn read_event(&mut self) -> Option<Event> {
         loop {
-            while let Some(pos) = self.pending.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = self.pending.drain(..=pos).collect();
+            while let Some(line) = self.lines.next_line() {
                 match serde_json::from_slice::<Event>(&line) {
                     Ok(event) => return Some(event),
                     Err(e) => tracing::warn!(error = %e, "unreadable line from a supervisor"),
                 }
             }
             match self.output.next().await {
-                Some(Ok(chunk)) => self.pending.extend_from_slice(&chunk),
+                Some(Ok(chunk)) => self.lines.push(&chunk),
                 Some(Err(_)) | None => return None,
             }
         }
@@ -261,6 +260,39 @@ impl Sandbox {
     }
 }
 
+/// Newline-terminated lines out of chunks that may split them anywhere. Each byte is searched
+/// for a newline once, however many chunks a line of megabytes (a big result) arrives in.
+#[derive(Default)]
+struct Lines {
+    pending: Vec<u8>,
+    /// How many bytes at the start of `pending` are known to hold no newline.
+    scanned: usize,
+}
+
+impl Lines {
+    fn push(&mut self, chunk: &[u8]) {
+        self.pending.extend_from_slice(chunk);
+    }
+
+    /// The next complete line, newline included.
+    fn next_line(&mut self) -> Option<Vec<u8>> {
+        match self.pending[self.scanned..]
+            .iter()
+            .position(|&b| b == b'\n')
+        {
+            Some(i) => {
+                let line = self.pending.drain(..=self.scanned + i).collect();
+                self.scanned = 0;
+                Some(line)
+            }
+            None => {
+                self.scanned = self.pending.len();
+                None
+            }
+        }
+    }
+}
+
 /// A random uid for a new sandbox's job user, so no two sandboxes share one: RLIMIT_NPROC then
 /// counts exactly one job's processes, and a job can signal nothing outside its sandbox.
 fn job_uid() -> u32 {
@@ -281,4 +313,30 @@ fn reader_stream(
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Lines;
+
+    /// Lines come out whole and in order wherever the chunks split them, several per chunk or
+    /// one over many chunks.
+    #[test]
+    fn lines_survive_any_split() {
+        let big = "x".repeat(300_000);
+        let text = format!("{{\"a\":1}}\n{{\"b\":\"{big}\"}}\n\n{{\"c\":3}}\npartial");
+        let want: Vec<String> = text.split_inclusive('\n').map(str::to_string).collect();
+        for size in [1, 7, 4096, 65_536, text.len()] {
+            let mut lines = Lines::default();
+            let mut got = Vec::new();
+            for chunk in text.as_bytes().chunks(size) {
+                lines.push(chunk);
+                while let Some(line) = lines.next_line() {
+                    got.push(String::from_utf8(line).unwrap());
+                }
+            }
+            assert_eq!(got, want[..want.len() - 1], "chunks of {size}");
+            assert_eq!(lines.pending, b"partial", "the unfinished line stays");
+        }
+    }
 }
