@@ -132,6 +132,21 @@ async fn abuse_is_contained_and_answered_with_the_right_status() {
     assert_eq!(run(&r)["stdout_truncated"], true);
     assert_eq!(run(&r)["stdout"].as_str().unwrap().len(), 10000);
 
+    // The most output a job may keep, on both streams, much of it escaped in JSON: a result line
+    // of megabytes crosses the channel in many chunks and comes back whole.
+    let r = api
+        .execute(json!({"language": "python", "limits": {"output_bytes": 1 << 20}, "source":
+            "import sys\nsys.stdout.write('\"\\\\\\x01z' * (1 << 18))\nsys.stderr.write('y' * (1 << 20))\n"}))
+        .await;
+    let head: String = r.to_string().chars().take(400).collect();
+    assert_eq!(r["status"], "ok", "{head}");
+    pooled(&r);
+    let out = run(&r)["stdout"].as_str().unwrap();
+    assert_eq!(out.len(), 1 << 20);
+    assert_eq!(&out[..8], "\"\\\u{1}z\"\\\u{1}z");
+    assert_eq!(run(&r)["stdout_truncated"], false);
+    assert_eq!(run(&r)["stderr"].as_str().unwrap().len(), 1 << 20);
+
     // Filling the work dir and /tmp: bounded by the file size limit and the tmpfs size.
     for dir in ["/work", "/tmp", "/dev/shm"] {
         let r = api
