@@ -2,7 +2,7 @@
 //! A `Sandbox` removes its container when dropped (through the reaper), so a cancelled request
 //! or a panic leaves nothing behind.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
@@ -79,6 +79,9 @@ pub struct Sandbox {
     output: Output,
     /// Bytes read but not yet decoded.
     lines: Lines,
+    /// What the supervisor still owes after a caller went away in the middle of a command (a
+    /// cancelled request; a session's sandbox outlives it).
+    owed: Owed,
     reaper: Reaper,
     /// The host directory of this sandbox's socket, removed with it.
     channel_dir: Option<PathBuf>,
@@ -158,6 +161,7 @@ impl Sandbox {
             input: Box::pin(tokio::io::sink()),
             output: Box::pin(futures_util::stream::empty()),
             lines: Lines::default(),
+            owed: Owed::Nothing,
             reaper: reaper.clone(),
             channel_dir,
         };
@@ -171,12 +175,12 @@ impl Sandbox {
                     .map_err(|e| SandboxError::Failed(format!("accepting the supervisor: {e}")))?;
                 let (read, write) = stream.into_split();
                 sandbox.input = Box::pin(write);
-                sandbox.output = Box::pin(reader_stream(read));
+                sandbox.output = Box::pin(reader_stream(read).fuse());
             }
             None => {
                 let attached = docker.attach(&sandbox.id).await?;
                 sandbox.input = attached.input;
-                sandbox.output = attached.output;
+                sandbox.output = Box::pin(attached.output.fuse());
                 docker.start(&sandbox.id).await?;
             }
         }
@@ -192,12 +196,16 @@ impl Sandbox {
     async fn send(&mut self, command: &Command) -> Result<(), SandboxError> {
         let mut line = serde_json::to_vec(command).expect("commands always serialize");
         line.push(b'\n');
+        self.owed = Owed::PartialCommand;
         let write = async {
             self.input.write_all(&line).await?;
             self.input.flush().await
         };
         match tokio::time::timeout(Duration::from_secs(10), write).await {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(())) => {
+                self.owed = Owed::Nothing;
+                Ok(())
+            }
             Ok(Err(_)) => Err(SandboxError::Lost),
             Err(_) => Err(SandboxError::Unresponsive(Duration::from_secs(10))),
         }
@@ -234,14 +242,23 @@ impl Sandbox {
         job: Job,
         within: Duration,
     ) -> Result<Vec<StageOutcome>, SandboxError> {
+        self.settle().await?;
         let id = job.id.clone();
         self.jobs_run += 1;
         self.send(&Command::Job(job)).await?;
+        self.owed = Owed::Answer {
+            job: Some(id.clone()),
+            by: Instant::now() + within,
+        };
         loop {
             match self.next_event(within).await? {
-                Event::Result { id: got, stages } if got == id => return Ok(stages),
+                Event::Result { id: got, stages } if got == id => {
+                    self.owed = Owed::Nothing;
+                    return Ok(stages);
+                }
                 Event::JobFailed { id: got, message } if got == id => {
-                    return Err(SandboxError::Failed(message))
+                    self.owed = Owed::Nothing;
+                    return Err(SandboxError::Failed(message));
                 }
                 Event::ResetFailed { message } => return Err(SandboxError::Reset(message)),
                 other => tracing::debug!(event = ?other, "ignoring stale sandbox event"),
@@ -251,14 +268,73 @@ impl Sandbox {
 
     /// Resets the sandbox for another job.
     pub async fn reset(&mut self) -> Result<(), SandboxError> {
+        self.settle().await?;
         self.send(&Command::Reset).await?;
-        match self.next_event(Duration::from_secs(10)).await? {
+        self.owed = Owed::Answer {
+            job: None,
+            by: Instant::now() + RESET_WITHIN,
+        };
+        let answer = self.next_event(RESET_WITHIN).await?;
+        self.owed = Owed::Nothing;
+        match answer {
             Event::Ready => Ok(()),
             Event::ResetFailed { message } => Err(SandboxError::Reset(message)),
             other => Err(SandboxError::Reset(format!("unexpected answer {other:?}"))),
         }
     }
+
+    /// Collects what an abandoned command still owes before the next one is sent. The
+    /// supervisor answers one command at a time: until it has written that answer (which can be
+    /// megabytes, more than a socket buffer holds) it reads nothing, so a new command sent
+    /// before it is read could wait on a supervisor that waits on us.
+    async fn settle(&mut self) -> Result<(), SandboxError> {
+        match std::mem::replace(&mut self.owed, Owed::Nothing) {
+            Owed::Nothing => Ok(()),
+            Owed::PartialCommand => Err(SandboxError::Failed(
+                "an earlier command was cut off while being sent".to_string(),
+            )),
+            Owed::Answer { job, by } => {
+                let within = by.saturating_duration_since(Instant::now()) + SETTLE_MARGIN;
+                let deadline = Instant::now() + within;
+                loop {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    match (self.next_event(left).await?, &job) {
+                        (Event::Result { id, .. } | Event::JobFailed { id, .. }, Some(want))
+                            if &id == want =>
+                        {
+                            return Ok(())
+                        }
+                        (Event::Ready, None) => return Ok(()),
+                        (Event::ResetFailed { message }, _) => {
+                            return Err(SandboxError::Reset(message))
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
 }
+
+/// How long a supervisor may take to reset its sandbox.
+const RESET_WITHIN: Duration = Duration::from_secs(10);
+/// Slack, beyond an abandoned job's own deadline, for its answer to arrive.
+const SETTLE_MARGIN: Duration = Duration::from_secs(2);
+
+/// What a supervisor still owes this agent.
+enum Owed {
+    Nothing,
+    /// A command was only partly written: the channel's framing is lost.
+    PartialCommand,
+    /// The answer to a job (`Some(id)`) or to a reset (`None`), due by `by`.
+    Answer {
+        job: Option<String>,
+        by: Instant,
+    },
+}
+
+/// Bytes of line buffer a sandbox keeps between answers.
+const KEEP_BUFFER: usize = 64 * 1024;
 
 /// Newline-terminated lines out of chunks that may split them anywhere. Each byte is searched
 /// for a newline once, however many chunks a line of megabytes (a big result) arrives in.
@@ -283,6 +359,10 @@ impl Lines {
             Some(i) => {
                 let line = self.pending.drain(..=self.scanned + i).collect();
                 self.scanned = 0;
+                if self.pending.is_empty() {
+                    // A big answer's buffer is not kept for the sandbox's whole life.
+                    self.pending.shrink_to(KEEP_BUFFER);
+                }
                 Some(line)
             }
             None => {

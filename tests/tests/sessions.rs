@@ -102,3 +102,54 @@ async fn files_persist_in_a_session_until_it_is_deleted_or_expires() {
     .await;
     agent.stop().await;
 }
+
+/// A client that goes away in the middle of a session's execution leaves the session usable.
+/// The abandoned job's answer (megabytes: more than the channel's socket buffer holds) is
+/// collected before the next command is sent, so neither side waits on the other; files from
+/// before are still there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_execution_leaves_its_session_usable() {
+    let opts = AgentOpts::languages(&["python"]).arg("--pool-min", 0);
+    let agent = TestAgent::start("session-abandoned", opts).await;
+    let api = &agent.api;
+    let created = api
+        .post("/v1/sessions", &json!({"language": "python"}))
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{created:?}");
+    let path = format!(
+        "/v1/sessions/{}/execute",
+        created.body["id"].as_str().unwrap()
+    );
+    let r = api
+        .post(
+            &path,
+            &json!({"source": "open('kept.txt', 'w').write('yes')"}),
+        )
+        .await;
+    assert_eq!(r.body["status"], "ok", "{r:?}");
+
+    let big = "import sys, time\ntime.sleep(1.5)\nsys.stdout.write('x' * (1 << 20))\nsys.stderr.write('y' * (1 << 20))\n";
+    let gave_up = reqwest::Client::new()
+        .post(format!("{}{path}", api.url))
+        .json(&json!({"source": big, "limits": {"output_bytes": 1 << 20}}))
+        .timeout(Duration::from_millis(300))
+        .send()
+        .await;
+    assert!(gave_up.is_err(), "the client gave up: {gave_up:?}");
+
+    // A source of 1.5 MB: more than the socket buffer too, so sending it while the supervisor
+    // still writes the abandoned answer would leave both waiting.
+    let source = format!(
+        "# {}\nprint(open('kept.txt').read())\n",
+        "z".repeat(1_500_000)
+    );
+    let r = api.post(&path, &json!({"source": source})).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body["status"]);
+    assert_eq!(
+        r.body["run"]["stdout"], "yes\n",
+        "{:?}",
+        r.body["run"]["stderr"]
+    );
+    assert_eq!(r.body["sandbox"], "session");
+    agent.stop().await;
+}
