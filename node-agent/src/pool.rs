@@ -39,10 +39,17 @@ pub struct Sizing {
     pub max: u32,
 }
 
+impl Sizing {
+    /// The most sandboxes the pool holds: `max`, or `min` when that is larger.
+    pub fn cap(self) -> u32 {
+        self.max.max(self.min)
+    }
+}
+
 /// How many warm sandboxes to keep: one more than the highest concurrency seen lately, within
 /// `[min, max]`; just `min` when nothing was used lately.
 pub fn target_warm(sizing: Sizing, recent_peak_in_use: u32) -> u32 {
-    let max = sizing.max.max(sizing.min);
+    let max = sizing.cap();
     if recent_peak_in_use == 0 {
         return sizing.min;
     }
@@ -167,7 +174,7 @@ impl Pools {
         entry.resetting = entry.resetting.saturating_sub(1);
         let sandbox = sandbox?;
         let held = (entry.fresh.len() + entry.recycled.len()) as u32;
-        if held >= sizing.max {
+        if held >= sizing.cap() {
             return Some(sandbox);
         }
         entry.recycled.push_back((sandbox, now));
@@ -207,10 +214,9 @@ impl Pools {
             let target = target_warm(sizing, entry.recent_peak(now));
             // Sandboxes in use or being reset come back to the pool: they count as supply.
             let returning = entry.recycled.len() as u32 + entry.resetting + entry.in_use;
-            let max = sizing.max.max(sizing.min);
             let start = to_start(
                 target,
-                max,
+                sizing.cap(),
                 entry.fresh.len() as u32,
                 returning,
                 entry.starting,
@@ -275,6 +281,9 @@ mod tests {
         assert_eq!(target_warm(Sizing { min: 0, max: 4 }, 0), 0);
         assert_eq!(target_warm(Sizing { min: 0, max: 4 }, 1), 2);
         assert_eq!(target_warm(Sizing { min: 0, max: 0 }, 3), 0);
+        // A min above the max wins everywhere the pool is bounded, not only here.
+        assert_eq!(target_warm(Sizing { min: 2, max: 1 }, 5), 2);
+        assert_eq!(Sizing { min: 2, max: 1 }.cap(), 2);
     }
 
     #[test]
