@@ -134,78 +134,107 @@ mod tests {
         assert_eq!(Cgroup::detect_at(Path::new("/nonexistent")).version, "none");
     }
 
+    /// A cgroup2 hierarchy mounted for one test, with one new group in it; everything is
+    /// undone on drop, a failed assertion included.
+    struct Cgroup2Mount {
+        mount: PathBuf,
+        group: PathBuf,
+        child: Option<std::process::Child>,
+    }
+
+    impl Drop for Cgroup2Mount {
+        fn drop(&mut self) {
+            if let Some(mut child) = self.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            let _ = fs::remove_dir(&self.group);
+            let _ = std::process::Command::new("umount")
+                .arg(&self.mount)
+                .status();
+            let _ = fs::remove_dir(&self.mount);
+        }
+    }
+
     /// The v2 reader against the real kernel, not a fake folder: a cgroup2 hierarchy mounted
     /// here (this machine's Docker runs cgroup v1, where every controller is bound to v1, so the
     /// mount offers only the core files; `cpu.stat` is one of them). A busy process moved into
     /// a new cgroup must show up in `cpu_usage_us`; `oom_kills` reads `memory.events` when the
-    /// memory controller is available and is `None` otherwise (the supervisor then falls back to
-    /// its SIGKILL-near-the-limit rule). Needs root, like the rest of the suite.
+    /// group has the memory controller and is `None` otherwise (the supervisor then falls back
+    /// to its SIGKILL-near-the-limit rule). Needs root, like the rest of the suite.
     #[test]
     fn reads_a_real_cgroup2_hierarchy() {
         use std::io::Write;
         use std::process::{Command, Stdio};
 
-        let mount = std::env::temp_dir().join(format!("codefleet-cgroup2-{}", std::process::id()));
+        // Every cgroup2 mount shows the same hierarchy: the group's name is this run's own.
+        let unique = format!(
+            "{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        );
+        let mount = std::env::temp_dir().join(format!("codefleet-cgroup2-{unique}"));
         fs::create_dir_all(&mount).unwrap();
+        let mut cg2 = Cgroup2Mount {
+            group: mount.join(format!("codefleet-test-{unique}")),
+            mount,
+            child: None,
+        };
         let mounted = Command::new("mount")
             .args(["-t", "cgroup2", "none"])
-            .arg(&mount)
+            .arg(&cg2.mount)
             .status()
             .expect("running mount");
         assert!(
             mounted.success(),
-            "mounting cgroup2 at {mount:?} (needs root)"
+            "mounting cgroup2 at {:?} (needs root)",
+            cg2.mount
         );
-        let group = mount.join("codefleet-test");
-        let outcome = std::panic::catch_unwind(|| {
-            fs::create_dir(&group).unwrap();
-            let cg = Cgroup::detect_at(&group);
-            assert_eq!(cg.version, "v2");
-            assert_eq!(cg.cpu_usage_us(), Some(0), "a new cgroup has used no CPU");
+        fs::create_dir(&cg2.group).unwrap();
+        let cg = Cgroup::detect_at(&cg2.group);
+        assert_eq!(cg.version, "v2");
+        assert_eq!(cg.cpu_usage_us(), Some(0), "a new cgroup has used no CPU");
 
-            // A shell that waits for a line, then spins: moved into the group before it starts.
-            let mut child = Command::new("sh")
-                .args([
-                    "-c",
-                    "read go; i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done",
-                ])
-                .stdin(Stdio::piped())
-                .spawn()
-                .unwrap();
-            fs::write(group.join("cgroup.procs"), child.id().to_string()).unwrap();
-            let started = std::time::Instant::now();
-            writeln!(child.stdin.take().unwrap(), "go").unwrap();
-            assert!(child.wait().unwrap().success());
-            let wall_us = started.elapsed().as_micros() as u64;
-            let used = cg.cpu_usage_us().expect("cpu.stat readable");
-            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
-            assert!(
-                used >= 20_000,
-                "the spin used {used} us of CPU in the group"
-            );
-            assert!(
-                used <= wall_us * cpus,
-                "{used} us of CPU in {wall_us} us of wall time"
-            );
+        // A shell that waits for a line, then spins: moved into the group before it starts.
+        let child = Command::new("sh")
+            .args([
+                "-c",
+                "read go; i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done",
+            ])
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let child = cg2.child.insert(child);
+        fs::write(cg2.group.join("cgroup.procs"), child.id().to_string()).unwrap();
+        let started = std::time::Instant::now();
+        writeln!(child.stdin.take().unwrap(), "go").unwrap();
+        assert!(child.wait().unwrap().success());
+        cg2.child = None;
+        let wall_us = started.elapsed().as_micros() as u64;
+        let used = cg.cpu_usage_us().expect("cpu.stat readable");
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
+        assert!(
+            used >= 20_000,
+            "the spin used {used} us of CPU in the group"
+        );
+        assert!(
+            used <= wall_us * cpus,
+            "{used} us of CPU in {wall_us} us of wall time"
+        );
 
-            let controllers = fs::read_to_string(mount.join("cgroup.controllers")).unwrap();
-            if controllers.split_whitespace().any(|c| c == "memory") {
-                assert_eq!(cg.oom_kills(), Some(0));
-            } else {
-                assert_eq!(
-                    cg.oom_kills(),
-                    None,
-                    "no memory controller, no memory.events"
-                );
-            }
-        });
-        let _ = fs::remove_dir(&group);
-        let unmounted = Command::new("umount").arg(&mount).status();
-        let _ = fs::remove_dir(&mount);
-        if let Err(panic) = outcome {
-            std::panic::resume_unwind(panic);
+        let controllers = fs::read_to_string(cg2.group.join("cgroup.controllers")).unwrap();
+        if controllers.split_whitespace().any(|c| c == "memory") {
+            assert_eq!(cg.oom_kills(), Some(0));
+        } else {
+            assert_eq!(
+                cg.oom_kills(),
+                None,
+                "no memory controller, no memory.events"
+            );
         }
-        assert!(unmounted.is_ok_and(|s| s.success()), "unmounting {mount:?}");
     }
 
     #[test]
