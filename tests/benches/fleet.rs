@@ -938,13 +938,21 @@ async fn spawn_gateway() -> anyhow::Result<GatewayProcess> {
         .stderr(log)
         .spawn()
         .context("starting the gateway process")?;
-    let gw = GatewayProcess {
+    let mut gw = GatewayProcess {
         url: format!("http://{listen}"),
         child,
     };
     let client = http_client();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
+        if let Some(status) = gw.child.try_wait()? {
+            bail!(
+                "the gateway process exited ({status}); see {}",
+                std::env::temp_dir()
+                    .join("codefleet-bench-gateway.log")
+                    .display()
+            );
+        }
         let up = client.get(format!("{}/healthz", gw.url)).send().await;
         if up.is_ok_and(|r| r.status().is_success()) {
             return Ok(gw);
@@ -1641,7 +1649,7 @@ async fn run(sizes: Sizes, nodes: &Nodes) -> anyhow::Result<()> {
     let gw = Http::new(&gw_url);
     gw.wait_routable("python", Duration::from_secs(30)).await?;
     let (direct_s, via_s, paired, gw_errors) =
-        overhead_pairs(&main, &gw, &python.hello(), sizes.gateway_pairs).await;
+        overhead_pairs(&main, &gw, &python.hello(), sizes.gateway_pairs, SETTLE).await;
     let added_real = (via_s.p50() - direct_s.p50(), via_s.p99() - direct_s.p99());
     table.push(
         Row::new(
@@ -2077,11 +2085,15 @@ async fn memory(engine: &Engine, node: &str, pool: u32) -> anyhow::Result<(f64, 
 
 /// `pairs` rounds of the same job straight and through the gateway, alternating which goes
 /// first: (straight ms, gateway ms, paired differences, errors).
+/// `pause` before each request: `SETTLE` when a request runs a Docker-backed job, none for the
+/// stub (nothing is left to settle, and 4,000 pauses would idle the machine into its slower
+/// wake-ups).
 async fn overhead_pairs(
     direct: &Http,
     gateway: &Http,
     body: &Value,
     pairs: usize,
+    pause: Duration,
 ) -> (Stats, Stats, Stats, Errors) {
     let (mut d, mut g, mut diff) = (Stats::default(), Stats::default(), Stats::default());
     let mut errors = Errors::default();
@@ -2095,9 +2107,9 @@ async fn overhead_pairs(
         } else {
             (gateway, direct, false)
         };
-        settle().await;
+        tokio::time::sleep(pause).await;
         let x = first.hello(body).await.map(|(ms, _)| ms);
-        settle().await;
+        tokio::time::sleep(pause).await;
         let y = second.hello(body).await.map(|(ms, _)| ms);
         let (dr, gr) = if first_is_direct { (x, y) } else { (y, x) };
         let dr = errors.record("direct", dr);
@@ -2137,7 +2149,7 @@ async fn stub_phase(sizes: &Sizes) -> anyhow::Result<StubResults> {
             .await?;
         let body: Value = serde_json::from_str(HELLO_PY)?;
         let (d, v, paired, errors) =
-            overhead_pairs(&direct, &gateway, &body, sizes.stub_pairs).await;
+            overhead_pairs(&direct, &gateway, &body, sizes.stub_pairs, Duration::ZERO).await;
         if let Some((_, (n, first))) = errors.0.iter().next() {
             bail!("{n} stub requests failed, first: {first}");
         }
