@@ -319,6 +319,7 @@ async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
 
 async fn metrics_text(State(gw): State<Arc<Gateway>>) -> Response {
     let content_type = "text/plain; version=0.0.4; charset=utf-8";
+    metrics::fleet(&gw.nodes());
     ([(header::CONTENT_TYPE, content_type)], gw.metrics.render()).into_response()
 }
 

@@ -1,14 +1,16 @@
 //! Metrics: every name, label and unit the gateway exports, in one place (Prometheus text at
 //! `/metrics`; `codefleet_` prefix, base units, `_total` counters).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request};
 use axum::middleware::Next;
 use axum::response::Response;
-use codefleet_shared::cluster::NodeState;
+use codefleet_shared::api::ImageState;
+use codefleet_shared::cluster::{NodeInfo, NodeState};
 use codefleet_shared::ErrorCode;
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -24,6 +26,12 @@ const RING_MEMBERS: &str = "codefleet_ring_members";
 const RETRIES: &str = "codefleet_retries_total";
 const REJECTIONS: &str = "codefleet_rejections_total";
 const WAIT_QUEUE: &str = "codefleet_wait_queue_depth";
+const JOB_SECONDS: &str = "codefleet_job_duration_seconds";
+const NODE_STATE: &str = "codefleet_node_state";
+const NODE_SLOTS: &str = "codefleet_node_slots";
+const NODE_SLOTS_BUSY: &str = "codefleet_node_slots_busy";
+const NODE_WARM: &str = "codefleet_node_warm_sandboxes";
+const NODE_IMAGE: &str = "codefleet_node_image_state";
 
 /// The process-wide recorder, shared with an in-process agent (`--dev`) and with the many
 /// gateways tests build in one process.
@@ -70,6 +78,25 @@ fn describe() {
         WAIT_QUEUE,
         "Jobs waiting at the gateway for a node with room."
     );
+    describe_histogram!(
+        JOB_SECONDS,
+        Unit::Seconds,
+        "End-to-end latency of requests for a language (execute, sessions), by route and language."
+    );
+    describe_gauge!(
+        NODE_STATE,
+        "1 on each node's state (ready, draining, down) as this gateway sees it, 0 on the others."
+    );
+    describe_gauge!(NODE_SLOTS, "Slots each node reported.");
+    describe_gauge!(NODE_SLOTS_BUSY, "Busy slots in each node's last report.");
+    describe_gauge!(
+        NODE_WARM,
+        "Warm sandboxes in each node's last report, by language."
+    );
+    describe_gauge!(
+        NODE_IMAGE,
+        "1 on the state (preparing, ready, failed) of each node's image of a language, 0 on the others."
+    );
 }
 
 /// The language a response was for, left in its extensions by handlers for [`track`].
@@ -98,8 +125,12 @@ pub async fn track(request: Request, next: Next) -> Response {
         .get::<ErrorCode>()
         .map_or("none", |c| c.as_str());
     let status = response.status().as_u16().to_string();
-    counter!(REQUESTS, "route" => route.clone(), "language" => language, "status" => status, "code" => code)
+    counter!(REQUESTS, "route" => route.clone(), "language" => language.clone(), "status" => status, "code" => code)
         .increment(1);
+    if !language.is_empty() {
+        histogram!(JOB_SECONDS, "route" => route.clone(), "language" => language)
+            .record(start.elapsed());
+    }
     histogram!(REQUEST_SECONDS, "route" => route).record(start.elapsed());
     response
 }
@@ -146,4 +177,62 @@ impl Drop for WaitGuard {
     fn drop(&mut self) {
         gauge!(WAIT_QUEUE).decrement(1.0);
     }
+}
+
+/// The fleet as this gateway sees it (`GET /v1/nodes`), exported when `/metrics` is scraped so it
+/// is never older than the last report. A node or language that left since the previous call has
+/// its gauges set to 0, so sums over nodes stay true after a `DELETE /v1/nodes/{id}`.
+pub fn fleet(nodes: &[NodeInfo]) {
+    static EXPORTED: Mutex<BTreeMap<String, BTreeSet<String>>> = Mutex::new(BTreeMap::new());
+    const STATES: [(NodeState, &str); 3] = [
+        (NodeState::Ready, "ready"),
+        (NodeState::Draining, "draining"),
+        (NodeState::Down, "down"),
+    ];
+    const IMAGES: [(ImageState, &str); 3] = [
+        (ImageState::Preparing, "preparing"),
+        (ImageState::Ready, "ready"),
+        (ImageState::Failed, "failed"),
+    ];
+    let one_if = |yes: bool| if yes { 1.0 } else { 0.0 };
+    let mut exported = EXPORTED.lock().unwrap_or_else(|e| e.into_inner());
+    let mut now: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for node in nodes {
+        let id = node.id.clone();
+        for (state, name) in STATES {
+            gauge!(NODE_STATE, "node" => id.clone(), "state" => name)
+                .set(one_if(node.state == state));
+        }
+        gauge!(NODE_SLOTS, "node" => id.clone()).set(node.slots_total);
+        gauge!(NODE_SLOTS_BUSY, "node" => id.clone()).set(node.slots_busy);
+        for (language, info) in &node.languages {
+            gauge!(NODE_WARM, "node" => id.clone(), "language" => language.clone()).set(info.warm);
+            for (image, name) in IMAGES {
+                gauge!(NODE_IMAGE, "node" => id.clone(), "language" => language.clone(), "state" => name)
+                    .set(one_if(info.image == image));
+            }
+        }
+        now.insert(id, node.languages.keys().cloned().collect());
+    }
+    for (id, languages) in exported.iter() {
+        let kept = now.get(id);
+        if kept.is_none() {
+            for (_, name) in STATES {
+                gauge!(NODE_STATE, "node" => id.clone(), "state" => name).set(0.0);
+            }
+            gauge!(NODE_SLOTS, "node" => id.clone()).set(0.0);
+            gauge!(NODE_SLOTS_BUSY, "node" => id.clone()).set(0.0);
+        }
+        for language in languages {
+            if kept.is_some_and(|k| k.contains(language)) {
+                continue;
+            }
+            gauge!(NODE_WARM, "node" => id.clone(), "language" => language.clone()).set(0.0);
+            for (_, name) in IMAGES {
+                gauge!(NODE_IMAGE, "node" => id.clone(), "language" => language.clone(), "state" => name)
+                    .set(0.0);
+            }
+        }
+    }
+    *exported = now;
 }
