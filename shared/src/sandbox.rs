@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::api::StageResult;
 
 /// Version of this protocol. Bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Environment variable naming the unix socket the supervisor connects to. When it is absent
 /// the supervisor speaks on its stdin and stdout (the container's attach stream) instead.
@@ -88,6 +88,11 @@ pub enum Event {
         /// `v1`, `v2` or `none`: which cgroup files the supervisor reads.
         cgroup: String,
     },
+    /// The job was read and is about to start (sent before its files are written). A sandbox
+    /// that dies before sending this did not start the job.
+    Accepted {
+        id: String,
+    },
     /// A job's outcome; one result per stage that ran.
     Result {
         id: String,
@@ -153,6 +158,6 @@ mod tests {
             cgroup: "v1".into(),
         })
         .unwrap();
-        assert_eq!(hello, r#"{"type":"hello","version":1,"cgroup":"v1"}"#);
+        assert_eq!(hello, r#"{"type":"hello","version":2,"cgroup":"v1"}"#);
     }
 }

@@ -44,10 +44,18 @@ fn main() {
         },
         None => (Box::new(io::stdin().lock()), Box::new(io::stdout().lock())),
     };
+    let sigchld = match sys::sigchld_fd() {
+        Ok(fd) => fd,
+        Err(e) => {
+            eprintln!("codefleet-supervisor: cannot watch for exiting children: {e}");
+            return;
+        }
+    };
     let hello = Event::Hello {
         version: PROTOCOL_VERSION,
         cgroup: cgroup.version.to_string(),
     };
+    let ctx = run::Context { cgroup, sigchld };
     if send(&mut out, &hello).is_err() {
         return;
     }
@@ -64,8 +72,14 @@ fn main() {
                 None => Event::Ready,
             }],
             Ok(Command::Job(job)) => {
+                // Before anything of the job happens: until the agent has read this, it knows
+                // the job did not start and may run it elsewhere if this sandbox dies.
+                let accepted = Event::Accepted { id: job.id.clone() };
+                if send(&mut out, &accepted).is_err() {
+                    break;
+                }
                 last_user = Some((job.uid, job.gid));
-                let result = match run::run_job(&job, &cgroup) {
+                let result = match run::run_job(&job, &ctx) {
                     Ok(stages) => Event::Result {
                         id: job.id.clone(),
                         stages,

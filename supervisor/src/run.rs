@@ -3,10 +3,10 @@
 
 use std::ffi::CString;
 use std::fs;
-use std::io::Write;
+use std::io::{self, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -19,16 +19,30 @@ use crate::sys;
 
 pub const WORKDIR: &str = "/work";
 
+/// What the supervisor holds for running jobs: the cgroup it reads and the descriptor that
+/// tells it a child exited.
+pub struct Context {
+    pub cgroup: Cgroup,
+    pub sigchld: OwnedFd,
+}
+
 /// Runs `job`; `Err` means the sandbox itself failed (not the program).
-pub fn run_job(job: &Job, cgroup: &Cgroup) -> Result<Vec<StageOutcome>, String> {
+pub fn run_job(job: &Job, ctx: &Context) -> Result<Vec<StageOutcome>, String> {
     sys::become_user(job.uid, job.gid).map_err(|e| format!("switching to the job user: {e}"))?;
     let written = write_files(&job.files);
     sys::restore_root().map_err(|e| format!("switching back to root: {e}"))?;
-    written?;
+    match written {
+        Ok(()) => {}
+        // The work dir is the job's own (a session's earlier executions shaped it): a file that
+        // cannot be written there is the job's failure, reported like a program's.
+        // Reported as the run stage, whatever stages the job has: nothing of it ran.
+        Err(WriteError::Blocked(why)) => return Ok(vec![failed_before_start("run", 1, &why)]),
+        Err(WriteError::Internal(why)) => return Err(why),
+    }
 
     let mut outcomes = Vec::with_capacity(job.stages.len());
     for stage in &job.stages {
-        let outcome = run_stage(job, stage, cgroup)?;
+        let outcome = run_stage(job, stage, ctx)?;
         let failed = outcome.result.status != Status::Ok;
         outcomes.push(outcome);
         if failed {
@@ -38,32 +52,96 @@ pub fn run_job(job: &Job, cgroup: &Cgroup) -> Result<Vec<StageOutcome>, String> 
     Ok(outcomes)
 }
 
-fn write_files(files: &[SandboxFile]) -> Result<(), String> {
+/// Why the job's files could not be written.
+enum WriteError {
+    /// Something in the work dir is in the way, or it is full: the job's doing.
+    Blocked(String),
+    /// The job message itself is broken: the agent's.
+    Internal(String),
+}
+
+/// The name each file is first written under, beside its target, before it is renamed into
+/// place. `~` is outside the characters a job's file names may use, so it never collides.
+const PARTIAL: &str = ".codefleet~partial";
+
+/// Writes the job's files below the work dir as the job user. The files a job sends win over
+/// whatever an earlier execution of a session left at their paths: nothing is ever opened at a
+/// target path (so a FIFO there cannot block the write and a symlink cannot redirect it); each
+/// file is written to a new temporary file and renamed over the target, which replaces a
+/// regular file, symlink, FIFO or socket there. A non-directory where a directory is needed is
+/// replaced by the directory; a directory where a file must go is left alone and the job fails
+/// with a message naming the file.
+fn write_files(files: &[SandboxFile]) -> Result<(), WriteError> {
     for file in files {
         let content = base64::engine::general_purpose::STANDARD
             .decode(&file.content_b64)
-            .map_err(|e| format!("file {}: bad base64: {e}", file.name))?;
-        let path = Path::new(WORKDIR).join(&file.name);
-        if let Some(parent) = path.parent() {
-            fs::create_dir_all(parent)
-                .map_err(|e| format!("creating {}: {e}", parent.display()))?;
-        }
+            .map_err(|e| WriteError::Internal(format!("file {}: bad base64: {e}", file.name)))?;
         let mode = if file.executable { 0o755 } else { 0o644 };
-        // O_NOFOLLOW: a file left by an earlier execution of a session cannot redirect the
-        // write (it runs as the job user anyway, so it could reach nothing more).
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&path)
-            .map_err(|e| format!("writing {}: {e}", file.name))?;
-        f.write_all(&content)
-            .map_err(|e| format!("writing {}: {e}", file.name))?;
-        let _ = fs::set_permissions(&path, fs::Permissions::from_mode(mode));
+        write_one(&file.name, &content, mode).map_err(|why| {
+            WriteError::Blocked(format!("codefleet: cannot write {}: {why}\n", file.name))
+        })?;
     }
     Ok(())
+}
+
+fn write_one(name: &str, content: &[u8], mode: u32) -> Result<(), String> {
+    let mut segments: Vec<&str> = name.split('/').collect();
+    let file_name = segments.pop().ok_or("an empty name")?;
+    let mut dir = PathBuf::from(WORKDIR);
+    for segment in segments {
+        dir.push(segment);
+        ensure_dir(&dir).map_err(|e| format!("{}: {e}", shown(&dir)))?;
+    }
+    let target = dir.join(file_name);
+    if fs::symlink_metadata(&target).is_ok_and(|m| m.is_dir()) {
+        return Err("a directory is in its place".to_string());
+    }
+    let partial = dir.join(PARTIAL);
+    match fs::remove_file(&partial) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            return Err(format!("{} is in the way: {e}", shown(&partial)))
+        }
+        _ => {}
+    }
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&partial)
+        .map_err(|e| e.to_string())?;
+    let written = f.write_all(content).and_then(|()| {
+        f.set_permissions(fs::Permissions::from_mode(mode))?;
+        drop(f);
+        fs::rename(&partial, &target)
+    });
+    if let Err(e) = written {
+        let _ = fs::remove_file(&partial);
+        return Err(e.to_string());
+    }
+    Ok(())
+}
+
+/// Makes `dir` a real directory: created when missing, replacing a file, symlink, FIFO or
+/// socket in its place (never following a link).
+fn ensure_dir(dir: &Path) -> io::Result<()> {
+    match fs::symlink_metadata(dir) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => {
+            fs::remove_file(dir)?;
+            fs::create_dir(dir)
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => fs::create_dir(dir),
+        Err(e) => Err(e),
+    }
+}
+
+/// A work dir path as the job knows it (relative).
+fn shown(path: &Path) -> String {
+    path.strip_prefix(WORKDIR)
+        .unwrap_or(path)
+        .display()
+        .to_string()
 }
 
 /// Finds `argv[0]` on the job's PATH, as execvp would.
@@ -157,18 +235,26 @@ enum Kill {
     Output,
 }
 
-fn run_stage(job: &Job, stage: &Stage, cgroup: &Cgroup) -> Result<StageOutcome, String> {
+fn run_stage(job: &Job, stage: &Stage, ctx: &Context) -> Result<StageOutcome, String> {
+    let cgroup = &ctx.cgroup;
     let program = stage.argv.first().ok_or("a stage without a command")?;
     let env = environment(job);
     let path = match resolve(program, &job.env) {
         Some(p) => p,
-        None => return Ok(not_found(stage, program)),
+        None => {
+            let why = format!("{program}: command not found\n");
+            return Ok(failed_before_start(&stage.name, 127, &why));
+        }
     };
-    let argv: Vec<CString> = stage
+    let Ok(argv) = stage
         .argv
         .iter()
-        .map(|a| CString::new(a.as_str()).map_err(|_| "an argument with a NUL byte".to_string()))
-        .collect::<Result<_, _>>()?;
+        .map(|a| CString::new(a.as_str()))
+        .collect::<Result<Vec<_>, _>>()
+    else {
+        let why = "codefleet: an argument holds a NUL byte\n";
+        return Ok(failed_before_start(&stage.name, 126, why));
+    };
     let cpu_secs = stage.cpu_time_ms.div_ceil(1000) + 1;
     let exec = sys::Exec {
         path,
@@ -184,6 +270,7 @@ fn run_stage(job: &Job, stage: &Stage, cgroup: &Cgroup) -> Result<StageOutcome, 
             (libc::RLIMIT_CORE, 0),
             (libc::RLIMIT_NPROC, stage.processes),
         ],
+        oom_score_adj_path: CString::new("/proc/self/oom_score_adj").expect("no NUL"),
     };
 
     let (in_r, in_w) = sys::pipe().map_err(|e| format!("pipe: {e}"))?;
@@ -196,7 +283,16 @@ fn run_stage(job: &Job, stage: &Stage, cgroup: &Cgroup) -> Result<StageOutcome, 
     let cpu_before = cgroup.cpu_usage_us();
     let oom_before = cgroup.oom_kills();
     let started = Instant::now();
-    let pid = sys::spawn(&exec, &in_r, &out_w, &err_w).map_err(|e| format!("spawn: {e}"))?;
+    let pid = match sys::spawn(&exec, &in_r, &out_w, &err_w) {
+        Ok(pid) => pid,
+        // The kernel refused the program as given (arguments too long, not executable): the
+        // job's failure, reported as a shell would (126).
+        Err(e) if e.step == sys::SpawnStep::Exec => {
+            let why = format!("codefleet: cannot execute {program}: {}\n", e.error);
+            return Ok(failed_before_start(&stage.name, 126, &why));
+        }
+        Err(e) => return Err(format!("starting the stage: {e}")),
+    };
     drop((in_r, out_w, err_w));
     let pidfd = sys::pidfd_open(pid).map_err(|e| format!("pidfd_open: {e}"))?;
 
@@ -239,7 +335,10 @@ fn run_stage(job: &Job, stage: &Stage, cgroup: &Cgroup) -> Result<StageOutcome, 
             break;
         }
 
-        let mut fds = vec![(pidfd.as_raw_fd(), libc::POLLIN)];
+        let mut fds = vec![
+            (pidfd.as_raw_fd(), libc::POLLIN),
+            (ctx.sigchld.as_raw_fd(), libc::POLLIN),
+        ];
         let out_idx = stdout.fd.as_ref().map(|fd| {
             fds.push((fd.as_raw_fd(), libc::POLLIN));
             fds.len() - 1
@@ -280,8 +379,13 @@ fn run_stage(job: &Job, stage: &Stage, cgroup: &Cgroup) -> Result<StageOutcome, 
                 }
             }
         }
-        if revents[0] != 0 {
-            main_exit = reap_until(pid);
+        // A child exited: the stage's process, or an orphan of the job that was reparented to
+        // us. Reap them all now, so dead helpers never count against the job's process limit.
+        if revents[0] != 0 || revents[1] != 0 {
+            sys::drain_signals(&ctx.sigchld);
+            if let Some(exit) = reap_exited(pid) {
+                main_exit = Some(exit);
+            }
         }
     }
     let wall = started.elapsed();
@@ -361,6 +465,18 @@ fn run_stage(job: &Job, stage: &Stage, cgroup: &Cgroup) -> Result<StageOutcome, 
     })
 }
 
+/// Reaps every child that has exited, without waiting; returns `pid`'s state if it was among
+/// them. Other children (orphans that reparented to us) are forgotten.
+fn reap_exited(pid: libc::pid_t) -> Option<sys::Reaped> {
+    let mut main = None;
+    while let Ok(Some(r)) = sys::wait_any() {
+        if r.pid == pid {
+            main = Some(r);
+        }
+    }
+    main
+}
+
 /// Reaps children until `pid` is among them; other children (orphans that reparented to us)
 /// are reaped and forgotten on the way.
 fn reap_until(pid: libc::pid_t) -> Option<sys::Reaped> {
@@ -378,15 +494,16 @@ fn tv_us(tv: libc::timeval) -> u64 {
     (tv.tv_sec.max(0) as u64) * 1_000_000 + tv.tv_usec.max(0) as u64
 }
 
-fn not_found(stage: &Stage, program: &str) -> StageOutcome {
+/// A stage that ended before its program ran, with `why` as its stderr.
+fn failed_before_start(stage: &str, exit_code: i32, why: &str) -> StageOutcome {
     StageOutcome {
-        name: stage.name.clone(),
+        name: stage.to_string(),
         result: StageResult {
             status: Status::RuntimeError,
-            exit_code: Some(127),
+            exit_code: Some(exit_code),
             signal: None,
             stdout: String::new(),
-            stderr: format!("{program}: command not found\n"),
+            stderr: why.to_string(),
             stdout_truncated: false,
             stderr_truncated: false,
             wall_time_ms: 0,

@@ -104,6 +104,31 @@ pub fn kill_all() {
     }
 }
 
+/// Blocks SIGCHLD for the supervisor and returns a non-blocking descriptor that becomes readable
+/// whenever a child (or an orphan reparented to PID 1) exits, so the main loop can reap at once.
+/// Children get an empty signal mask back before they exec (see `child`).
+pub fn sigchld_fd() -> io::Result<OwnedFd> {
+    // SAFETY: a zeroed sigset_t is valid input for sigemptyset, which initialises it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a live local; these calls only write into it and the signal mask.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGCHLD);
+    }
+    // SAFETY: as above; the old mask is not needed.
+    check(unsafe { libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) })?;
+    // SAFETY: signalfd with -1 creates a new descriptor for the signals in `set`.
+    let fd = check(unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) })?;
+    // SAFETY: signalfd succeeded, so `fd` is a fresh descriptor owned by us alone.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Empties a signalfd of the signals queued on it.
+pub fn drain_signals(fd: &OwnedFd) {
+    let mut buf = [0u8; 8 * 128];
+    while matches!(read(fd, &mut buf), Ok(n) if n > 0) {}
+}
+
 /// The state of a child reaped by `wait_any`.
 pub struct Reaped {
     pub pid: libc::pid_t,
@@ -211,17 +236,62 @@ pub struct Exec {
     pub uid: u32,
     pub gid: u32,
     pub rlimits: Vec<(libc::__rlimit_resource_t, u64)>,
+    /// `/proc/self/oom_score_adj`, prepared before the fork.
+    pub oom_score_adj_path: CString,
+}
+
+/// Which step of starting a stage's process failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpawnStep {
+    Fork,
+    Descriptors,
+    Rlimits,
+    Workdir,
+    User,
+    /// `execve` itself: the program cannot be run as given (too long arguments, not an
+    /// executable, missing): the job's doing, not the sandbox's.
+    Exec,
+}
+
+impl SpawnStep {
+    fn from_code(code: i32) -> SpawnStep {
+        match code {
+            1 => SpawnStep::Descriptors,
+            2 => SpawnStep::Rlimits,
+            3 => SpawnStep::Workdir,
+            4 | 5 => SpawnStep::User,
+            _ => SpawnStep::Exec,
+        }
+    }
+}
+
+/// Starting a stage's process failed at `step` with `error`.
+#[derive(Debug)]
+pub struct SpawnError {
+    pub step: SpawnStep,
+    pub error: io::Error,
+}
+
+impl std::fmt::Display for SpawnError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}: {}", self.step, self.error)
+    }
 }
 
 /// Forks and execs `exec` with the given descriptors as stdin, stdout and stderr. A failure
-/// between fork and exec is reported through a close-on-exec pipe as an errno.
+/// between fork and exec is reported through a close-on-exec pipe as the failed step and its
+/// errno.
 pub fn spawn(
     exec: &Exec,
     stdin: &OwnedFd,
     stdout: &OwnedFd,
     stderr: &OwnedFd,
-) -> io::Result<libc::pid_t> {
-    let (err_r, err_w) = pipe()?;
+) -> Result<libc::pid_t, SpawnError> {
+    let fork_failed = |error| SpawnError {
+        step: SpawnStep::Fork,
+        error,
+    };
+    let (err_r, err_w) = pipe().map_err(fork_failed)?;
     let argv: Vec<*const libc::c_char> = exec
         .argv
         .iter()
@@ -239,17 +309,30 @@ pub fn spawn(
     // child only makes raw syscalls on data prepared above and ends in execve or _exit.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
-        return Err(io::Error::last_os_error());
+        return Err(fork_failed(io::Error::last_os_error()));
     }
     if pid == 0 {
         // SAFETY: in the child; every pointer refers to memory prepared before the fork.
         unsafe { child(exec, fd0, fd1, fd2, err_w.as_raw_fd(), &argv, &envp) }
     }
     drop(err_w);
-    let mut buf = [0u8; 4];
-    let n = read(&err_r, &mut buf)?;
-    if n == 4 {
-        return Err(io::Error::from_raw_os_error(i32::from_ne_bytes(buf)));
+    let mut buf = [0u8; 8];
+    let n = loop {
+        match read(&err_r, &mut buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => break other.map_err(fork_failed)?,
+        }
+    };
+    if n == 8 {
+        let step = i32::from_ne_bytes(buf[..4].try_into().expect("four bytes"));
+        let errno = i32::from_ne_bytes(buf[4..].try_into().expect("four bytes"));
+        // The child is gone (it called _exit); reap it so it is no zombie.
+        // SAFETY: waitpid on our own child with a null status pointer.
+        unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+        return Err(SpawnError {
+            step: SpawnStep::from_code(step),
+            error: io::Error::from_raw_os_error(errno),
+        });
     }
     Ok(pid)
 }
@@ -269,9 +352,10 @@ unsafe fn child(
 ) -> ! {
     let fail = |step: libc::c_int| -> ! {
         let errno = *libc::__errno_location();
-        let code = if errno == 0 { step } else { errno };
-        let bytes = code.to_ne_bytes();
-        libc::write(err_w, bytes.as_ptr().cast(), 4);
+        let mut bytes = [0u8; 8];
+        bytes[..4].copy_from_slice(&step.to_ne_bytes());
+        bytes[4..].copy_from_slice(&errno.to_ne_bytes());
+        libc::write(err_w, bytes.as_ptr().cast(), 8);
         libc::_exit(127)
     };
     // A fresh session, so nothing of the job shares our process group.
@@ -288,6 +372,16 @@ unsafe fn child(
     libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
     if libc::dup2(fd0, 0) < 0 || libc::dup2(fd1, 1) < 0 || libc::dup2(fd2, 2) < 0 {
         fail(1);
+    }
+    // The job's processes are the memory cgroup's first choice when it runs out, never the
+    // supervisor (raising one's own score needs no privilege; best effort).
+    let adj = libc::open(
+        exec.oom_score_adj_path.as_ptr(),
+        libc::O_WRONLY | libc::O_CLOEXEC,
+    );
+    if adj >= 0 {
+        libc::write(adj, b"1000".as_ptr().cast(), 4);
+        libc::close(adj);
     }
     for &(resource, value) in &exec.rlimits {
         let lim = libc::rlimit {
