@@ -94,9 +94,18 @@ pub struct Config {
     #[arg(long, env = "CODEFLEET_DISPATCH_MARGIN_MS", default_value_t = 5_000)]
     pub dispatch_margin_ms: u64,
 
-    /// Seconds a client has to send its request headers.
+    /// Seconds a client has to send its request headers (and an idle connection stays open).
     #[arg(long, env = "CODEFLEET_HEADER_TIMEOUT_S", default_value_t = 10)]
     pub header_timeout_s: u64,
+
+    /// Milliseconds a client has to send a request's whole body once its headers are in; then
+    /// 408 request_timeout and the connection is closed.
+    #[arg(long, env = "CODEFLEET_BODY_TIMEOUT_MS", default_value_t = 10_000)]
+    pub body_timeout_ms: u64,
+
+    /// Client connections open at once; more wait to be accepted until one closes.
+    #[arg(long, env = "CODEFLEET_MAX_CONNECTIONS", default_value_t = 1_024)]
+    pub max_connections: usize,
 
     /// Maxima a request's limits may ask for (400 limit_exceeds_max above).
     #[arg(long, env = "CODEFLEET_MAX_WALL_TIME_MS", default_value_t = ResolvedLimits::MAX.wall_time_ms)]
@@ -176,6 +185,8 @@ impl Config {
             ("--max-json-depth", self.max_json_depth as u64),
             ("--max-attempts", self.max_attempts.into()),
             ("--header-timeout-s", self.header_timeout_s),
+            ("--body-timeout-ms", self.body_timeout_ms),
+            ("--max-connections", self.max_connections as u64),
         ];
         if let Some((flag, _)) = positive.into_iter().find(|(_, v)| *v == 0) {
             return bad(flag, "must be positive");
@@ -196,6 +207,15 @@ impl Config {
             processes: self.max_processes,
             output_bytes: self.max_output_bytes,
             file_size_bytes: self.max_file_size_bytes,
+        }
+    }
+
+    /// The limits of the HTTP edge: header and body timeouts, the connection cap.
+    pub fn edge_limits(&self) -> codefleet_http_edge::EdgeLimits {
+        codefleet_http_edge::EdgeLimits {
+            header_timeout: Duration::from_secs(self.header_timeout_s),
+            body_timeout: Duration::from_millis(self.body_timeout_ms),
+            max_connections: self.max_connections,
         }
     }
 
@@ -237,6 +257,8 @@ mod tests {
             &["--missed-reports", "0"],
             &["--rate-per-s", "0"],
             &["--api-key", ""],
+            &["--body-timeout-ms", "0"],
+            &["--max-connections", "0"],
         ] {
             assert!(parse(args).is_err(), "{args:?}");
         }

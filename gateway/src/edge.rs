@@ -1,6 +1,6 @@
 //! Edge protection: API keys and the admin key as Bearer tokens, per-key rate (token bucket) and
-//! concurrency quotas, the cluster token on agent reports, and request bodies read with size and
-//! JSON depth limits. Everything here runs before a request touches routing.
+//! concurrency quotas, the cluster token on agent reports, and JSON request bodies read with
+//! media type, size, time and depth limits. Everything here runs before a request touches routing.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -12,6 +12,8 @@ use axum::extract::{FromRequest, Request, State};
 use axum::http::{header, HeaderMap};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use codefleet_http_edge::BodyError;
+use codefleet_shared::api::object_only::Object;
 use codefleet_shared::auth::secrets_equal;
 use serde::de::DeserializeOwned;
 
@@ -207,9 +209,10 @@ pub async fn cluster_auth(
     }
 }
 
-/// A JSON body decoded at the edge: at most `--max-body-bytes` (413 above), nested at most
-/// `--max-json-depth` deep, of the right shape (400 `invalid_request` otherwise). Keeps the raw
-/// bytes too, so they can be forwarded to an agent as they came.
+/// A JSON body decoded at the edge: declared `application/json` (415 otherwise), at most
+/// `--max-body-bytes` (413 above), complete within `--body-timeout-ms` (408 after), nested at
+/// most `--max-json-depth` deep, of the right shape (400 `invalid_request` otherwise). Keeps the
+/// raw bytes too, so they can be forwarded to an agent as they came.
 pub struct JsonBody<T> {
     pub value: T,
     pub raw: Bytes,
@@ -219,30 +222,20 @@ impl<T: DeserializeOwned> FromRequest<Arc<Gateway>> for JsonBody<T> {
     type Rejection = GatewayError;
 
     async fn from_request(request: Request, gw: &Arc<Gateway>) -> Result<Self, GatewayError> {
+        codefleet_http_edge::require_json(request.headers()).map_err(|problem| {
+            metrics::rejection("unsupported_media_type");
+            GatewayError::Invalid(problem)
+        })?;
         let limit = gw.config.max_body_bytes;
-        let too_large = || {
-            metrics::rejection("payload_too_large");
-            GatewayError::PayloadTooLarge { limit }
-        };
-        let declared = request
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-        if declared.is_some_and(|len| len > limit as u64) {
-            return Err(too_large());
-        }
-        let raw = axum::body::to_bytes(request.into_body(), limit)
+        let (parts, body) = request.into_parts();
+        let raw = codefleet_http_edge::read_body(&parts.headers, body, limit)
             .await
-            .map_err(|e| {
-                match e
-                    .into_inner()
-                    .downcast::<http_body_util::LengthLimitError>()
-                {
-                    Ok(_) => too_large(),
-                    Err(e) => {
-                        GatewayError::invalid(format!("could not read the request body: {e}"))
-                    }
+            .map_err(|error| match error {
+                BodyError::TooLarge { limit } => {
+                    metrics::rejection("payload_too_large");
+                    GatewayError::PayloadTooLarge { limit }
                 }
+                other => GatewayError::Invalid(other.problem()),
             })?;
         let depth = codefleet_shared::validate::json_depth(&raw);
         if depth > gw.config.max_json_depth {
@@ -251,7 +244,7 @@ impl<T: DeserializeOwned> FromRequest<Arc<Gateway>> for JsonBody<T> {
                 gw.config.max_json_depth
             )));
         }
-        let value = serde_json::from_slice(&raw)
+        let Object(value) = serde_json::from_slice(&raw)
             .map_err(|e| GatewayError::invalid(format!("malformed JSON body: {e}")))?;
         Ok(JsonBody { value, raw })
     }

@@ -129,10 +129,10 @@ impl IntoResponse for GatewayError {
 }
 
 /// A problem as an `application/problem+json` answer, with `Retry-After` when it has one (the
-/// agent's own mapping, so both binaries answer alike). The code rides along in the response
+/// shared edge's mapping, so both binaries answer alike). The code rides along in the response
 /// extensions for the metrics layer.
 pub fn problem_response(problem: Problem) -> Response {
-    let mut response = codefleet_node_agent::http::problem_response(&problem);
+    let mut response = codefleet_http_edge::problem_response(&problem);
     response.extensions_mut().insert(problem.code);
     response
 }

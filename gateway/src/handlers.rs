@@ -197,6 +197,10 @@ async fn run_create_session(
     Ok((StatusCode::CREATED, Json(session)).into_response())
 }
 
+/// Why a session's execute may not name a language: the agent's answer too.
+const FIXED_LANGUAGE: &str =
+    "a session's language is fixed when it is created; leave out `language` and `version`";
+
 /// The node holding a session: agents make ids `se_<hex>.<node id>`.
 fn session_node(gw: &Gateway, id: &str) -> Result<Arc<NodeHandle>, GatewayError> {
     let unknown = || GatewayError::NotFound(format!("no session {id:?}"));
@@ -226,6 +230,9 @@ async fn session_execute(
         raw,
     }: JsonBody<ExecuteRequest>,
 ) -> Result<Response, GatewayError> {
+    if request.language.is_some() || request.version.is_some() {
+        return Err(GatewayError::invalid(FIXED_LANGUAGE));
+    }
     let limits = check_job(
         &gw,
         request.source.as_deref(),

@@ -2,7 +2,7 @@
 //! bounded-load consistent hashing on the language.
 //!
 //! - `config`: flags and `CODEFLEET_*` variables.
-//! - `edge`: API keys, quotas, the cluster token, body size and depth limits.
+//! - `edge`: API keys, quotas, the cluster token, JSON bodies (media type, size, depth, time).
 //! - `handlers`: one function per endpoint; parse at the edge, then act.
 //! - `membership`: agents' reports, ready/draining/down, and the snapshot requests read.
 //! - `routing`: the pure routing decision (no I/O, no clock).
@@ -25,9 +25,6 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use codefleet_shared::cluster::{CapacityReport, NodeInfo, NodeState};
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
@@ -186,7 +183,9 @@ fn no_node(id: &str) -> GatewayError {
 }
 
 /// Serves the gateway on `listener` until `shutdown` resolves, then lets open requests finish.
-/// Also runs the housekeeping: marking silent nodes down, and metrics upkeep.
+/// Also runs the housekeeping: marking silent nodes down, and metrics upkeep. The HTTP edge
+/// (connection cap, header and body timeouts, problems for what hyper rejects) is
+/// `codefleet_http_edge::serve`, shared with the agent.
 pub async fn serve(
     config: Config,
     listener: TcpListener,
@@ -195,38 +194,13 @@ pub async fn serve(
     let gw = Gateway::new(config)?;
     let app = router(Arc::clone(&gw));
     let housekeeping = tokio::spawn(housekeeping(Arc::clone(&gw)));
-    let header_timeout = Duration::from_secs(gw.config.header_timeout_s);
-    let graceful = GracefulShutdown::new();
-    let mut shutdown = std::pin::pin!(shutdown);
     tracing::info!(address = %listener.local_addr()?, "gateway listening");
-    loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(error) => {
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        let _ = stream.set_nodelay(true);
-        let connection = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(header_timeout)
-            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "connection ended with an error");
-            }
-        });
-    }
-    drop(listener);
-    tracing::info!("shutting down: waiting for open requests");
+    let stopping = async {
+        shutdown.await;
+        tracing::info!("shutting down: waiting for open requests");
+    };
+    codefleet_http_edge::serve(listener, app, gw.config.edge_limits(), stopping).await;
     housekeeping.abort();
-    graceful.shutdown().await;
     Ok(())
 }
 

@@ -109,6 +109,20 @@ pub struct Config {
     #[arg(long, env = "CODEFLEET_MAX_JSON_DEPTH", default_value_t = 32)]
     pub max_json_depth: usize,
 
+    /// Seconds a client has to send its request headers (and an idle connection stays open).
+    #[arg(long, env = "CODEFLEET_HEADER_TIMEOUT_S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub header_timeout_s: u64,
+
+    /// Milliseconds a client has to send a request's whole body once its headers are in; then
+    /// 408 request_timeout and the connection is closed.
+    #[arg(long, env = "CODEFLEET_BODY_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub body_timeout_ms: u64,
+
+    /// Connections open at once (gateways' pooled ones included); more wait to be accepted
+    /// until one closes.
+    #[arg(long, env = "CODEFLEET_MAX_CONNECTIONS", default_value_t = 1_024, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: u64,
+
     /// Seconds that in-flight jobs get to finish on SIGTERM.
     #[arg(long, env = "CODEFLEET_GRACE_S", default_value_t = 30)]
     pub grace_s: u64,
@@ -165,6 +179,15 @@ impl Config {
         config.node_id = node_id.to_string();
         config.listen = listen;
         config
+    }
+
+    /// The limits of the HTTP edge: header and body timeouts, the connection cap.
+    pub fn edge_limits(&self) -> codefleet_http_edge::EdgeLimits {
+        codefleet_http_edge::EdgeLimits {
+            header_timeout: std::time::Duration::from_secs(self.header_timeout_s),
+            body_timeout: std::time::Duration::from_millis(self.body_timeout_ms),
+            max_connections: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
+        }
     }
 
     /// This node's directory of sandbox sockets, when sockets are used.

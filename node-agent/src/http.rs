@@ -6,9 +6,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::body::{Body, Bytes};
 use axum::extract::{Path, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -16,6 +15,7 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use tracing::Instrument;
 
+use codefleet_shared::api::object_only::Object;
 use codefleet_shared::auth;
 use codefleet_shared::validate::json_depth;
 use codefleet_shared::{CreateSession, ErrorCode, ExecuteRequest, Problem};
@@ -37,19 +37,9 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A problem as an `application/problem+json` answer (the shared edge's mapping).
 pub fn problem_response(p: &Problem) -> Response {
-    let status = StatusCode::from_u16(p.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let body = serde_json::to_vec(p).expect("problems always serialize");
-    let mut resp = (status, body).into_response();
-    let headers = resp.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/problem+json"),
-    );
-    if let Some(s) = p.retry_after_s {
-        headers.insert(header::RETRY_AFTER, HeaderValue::from(s));
-    }
-    resp
+    codefleet_http_edge::problem_response(p)
 }
 
 pub fn router(agent: Arc<Agent>) -> Router {
@@ -99,15 +89,14 @@ pub fn bearer_matches(headers: &HeaderMap, expected: &str) -> bool {
         .is_some_and(|got| auth::secrets_equal(got, expected))
 }
 
-/// Reads a JSON body within the size and depth limits.
-async fn read_json<T: DeserializeOwned>(agent: &Agent, body: Body) -> Result<T, Problem> {
-    let max = agent.config.max_body_bytes;
-    let bytes: Bytes = axum::body::to_bytes(body, max).await.map_err(|_| {
-        Problem::new(
-            ErrorCode::PayloadTooLarge,
-            format!("the body is larger than {max} bytes"),
-        )
-    })?;
+/// Reads a JSON body: declared `application/json` (415), within the size (413), time (408,
+/// the shared edge's body deadline) and depth limits.
+async fn read_json<T: DeserializeOwned>(agent: &Agent, request: Request) -> Result<T, Problem> {
+    codefleet_http_edge::require_json(request.headers())?;
+    let (parts, body) = request.into_parts();
+    let bytes = codefleet_http_edge::read_body(&parts.headers, body, agent.config.max_body_bytes)
+        .await
+        .map_err(|e| e.problem())?;
     let depth = json_depth(&bytes);
     if depth > agent.config.max_json_depth {
         return Err(Problem::new(
@@ -118,13 +107,14 @@ async fn read_json<T: DeserializeOwned>(agent: &Agent, body: Body) -> Result<T, 
             ),
         ));
     }
-    serde_json::from_slice(&bytes)
-        .map_err(|e| Problem::new(ErrorCode::InvalidRequest, format!("invalid JSON body: {e}")))
+    let Object(value) = serde_json::from_slice(&bytes)
+        .map_err(|e| Problem::new(ErrorCode::InvalidRequest, format!("invalid JSON body: {e}")))?;
+    Ok(value)
 }
 
-async fn execute(State(agent): State<Arc<Agent>>, body: Body) -> Result<Response, ApiError> {
+async fn execute(State(agent): State<Arc<Agent>>, request: Request) -> Result<Response, ApiError> {
     let received = Instant::now();
-    let req: ExecuteRequest = read_json(&agent, body).await?;
+    let req: ExecuteRequest = read_json(&agent, request).await?;
     let prepared = agent.prepare(&req, None)?;
     let span =
         tracing::info_span!("execute", node = %agent.node(), language = %prepared.language.name);
@@ -146,8 +136,11 @@ async fn drain(State(agent): State<Arc<Agent>>) -> Response {
     StatusCode::ACCEPTED.into_response()
 }
 
-async fn create_session(State(agent): State<Arc<Agent>>, body: Body) -> Result<Response, ApiError> {
-    let req: CreateSession = read_json(&agent, body).await?;
+async fn create_session(
+    State(agent): State<Arc<Agent>>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let req: CreateSession = read_json(&agent, request).await?;
     let info = agent.create_session(req).await?;
     Ok((StatusCode::CREATED, Json(info)).into_response())
 }
@@ -155,10 +148,10 @@ async fn create_session(State(agent): State<Arc<Agent>>, body: Body) -> Result<R
 async fn session_execute(
     State(agent): State<Arc<Agent>>,
     Path(id): Path<String>,
-    body: Body,
+    request: Request,
 ) -> Result<Response, ApiError> {
     let received = Instant::now();
-    let req: ExecuteRequest = read_json(&agent, body).await?;
+    let req: ExecuteRequest = read_json(&agent, request).await?;
     if req.language.is_some() || req.version.is_some() {
         return Err(Problem::new(
             ErrorCode::InvalidRequest,
@@ -189,7 +182,7 @@ async fn readyz(State(agent): State<Arc<Agent>>) -> Response {
         } else {
             "starting"
         };
-        (StatusCode::SERVICE_UNAVAILABLE, why).into_response()
+        ApiError(Problem::new(ErrorCode::NoCapacity, why)).into_response()
     }
 }
 

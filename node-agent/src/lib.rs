@@ -91,10 +91,10 @@ pub async fn run(
         let _ = stop_tx.send(true);
     };
     let app = http::router(agent.clone());
-    let server = axum::serve(listener, app).with_graceful_shutdown(graceful);
+    let server = codefleet_http_edge::serve(listener, app, agent.config.edge_limits(), graceful);
     let grace = Duration::from_secs(agent.config.grace_s);
     tokio::select! {
-        served = server => served.context("serving the agent API")?,
+        () = server => {}
         _ = async {
             let _ = stop_rx.wait_for(|stopped| *stopped).await;
             tokio::time::sleep(grace).await;

@@ -13,8 +13,12 @@ pub enum ErrorCode {
     Unauthorized,
     NotFound,
     MethodNotAllowed,
+    RequestTimeout,
     PayloadTooLarge,
+    UriTooLong,
+    UnsupportedMediaType,
     RateLimited,
+    HeadersTooLarge,
     NodeLost,
     NoCapacity,
     LanguageUnavailable,
@@ -31,8 +35,12 @@ impl ErrorCode {
             ErrorCode::Unauthorized => 401,
             ErrorCode::NotFound => 404,
             ErrorCode::MethodNotAllowed => 405,
+            ErrorCode::RequestTimeout => 408,
             ErrorCode::PayloadTooLarge => 413,
+            ErrorCode::UriTooLong => 414,
+            ErrorCode::UnsupportedMediaType => 415,
             ErrorCode::RateLimited => 429,
+            ErrorCode::HeadersTooLarge => 431,
             ErrorCode::Internal => 500,
             ErrorCode::NodeLost => 502,
             ErrorCode::NoCapacity | ErrorCode::LanguageUnavailable => 503,
@@ -48,8 +56,12 @@ impl ErrorCode {
             ErrorCode::Unauthorized => "Unauthorized",
             ErrorCode::NotFound => "Not found",
             ErrorCode::MethodNotAllowed => "Method not allowed",
+            ErrorCode::RequestTimeout => "Request timeout",
             ErrorCode::PayloadTooLarge => "Payload too large",
+            ErrorCode::UriTooLong => "URI too long",
+            ErrorCode::UnsupportedMediaType => "Unsupported media type",
             ErrorCode::RateLimited => "Rate limited",
+            ErrorCode::HeadersTooLarge => "Request header fields too large",
             ErrorCode::NodeLost => "Node lost",
             ErrorCode::NoCapacity => "No capacity",
             ErrorCode::LanguageUnavailable => "Language unavailable",
@@ -66,12 +78,37 @@ impl ErrorCode {
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::NotFound => "not_found",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::RequestTimeout => "request_timeout",
             ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::UriTooLong => "uri_too_long",
+            ErrorCode::UnsupportedMediaType => "unsupported_media_type",
             ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::HeadersTooLarge => "headers_too_large",
             ErrorCode::NodeLost => "node_lost",
             ErrorCode::NoCapacity => "no_capacity",
             ErrorCode::LanguageUnavailable => "language_unavailable",
             ErrorCode::Internal => "internal",
+        }
+    }
+
+    /// The code that answers a bare HTTP `status` (one a framework or the HTTP layer chose, not
+    /// a handler): the one code of that status, `invalid_request` for other 4xx, `internal` for
+    /// other 5xx.
+    pub fn for_status(status: u16) -> ErrorCode {
+        match status {
+            401 => ErrorCode::Unauthorized,
+            404 => ErrorCode::NotFound,
+            405 => ErrorCode::MethodNotAllowed,
+            408 => ErrorCode::RequestTimeout,
+            413 => ErrorCode::PayloadTooLarge,
+            414 => ErrorCode::UriTooLong,
+            415 => ErrorCode::UnsupportedMediaType,
+            429 => ErrorCode::RateLimited,
+            431 => ErrorCode::HeadersTooLarge,
+            502 => ErrorCode::NodeLost,
+            503 => ErrorCode::NoCapacity,
+            400..=499 => ErrorCode::InvalidRequest,
+            _ => ErrorCode::Internal,
         }
     }
 
@@ -153,8 +190,26 @@ mod tests {
             ErrorCode::NoCapacity,
             ErrorCode::LanguageUnavailable,
             ErrorCode::NodeLost,
+            ErrorCode::RequestTimeout,
+            ErrorCode::UnsupportedMediaType,
+            ErrorCode::UriTooLong,
+            ErrorCode::HeadersTooLarge,
         ] {
             assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());
+        }
+    }
+
+    #[test]
+    fn a_bare_status_maps_to_a_code_of_that_status() {
+        for status in [
+            400, 401, 404, 405, 408, 411, 413, 414, 415, 429, 431, 500, 502, 503,
+        ] {
+            let code = ErrorCode::for_status(status);
+            let expected = match status {
+                411 => 400,
+                other => other,
+            };
+            assert_eq!(code.status(), expected, "{status} -> {code:?}");
         }
     }
 }
