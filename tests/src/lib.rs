@@ -405,3 +405,60 @@ pub async fn eventually(within: Duration, what: &str, mut cond: impl AsyncFnMut(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// An HTTP/1.1 answer read off a raw socket, up to the server closing the connection.
+#[derive(Debug)]
+pub struct RawAnswer {
+    pub status: u16,
+    /// The status line and header fields, as sent.
+    pub head: String,
+    pub body: Value,
+}
+
+impl RawAnswer {
+    /// The value of header field `name` (case-insensitive), if sent.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().skip(1).find_map(|line| {
+            let (field, value) = line.split_once(':')?;
+            field.eq_ignore_ascii_case(name).then(|| value.trim())
+        })
+    }
+
+    /// The problem code of an error answer.
+    pub fn code(&self) -> &str {
+        self.body["code"].as_str().unwrap_or("")
+    }
+}
+
+/// Writes `request` to `addr` (`host:port`) as raw bytes and reads the answer until the server
+/// closes the connection, which it must do within `within`.
+pub async fn raw_exchange(addr: &str, request: &[u8], within: Duration) -> RawAnswer {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    // The server may answer and close before it has read everything (a head it refuses).
+    let _ = stream.write_all(request).await;
+    let mut bytes = Vec::new();
+    let read = tokio::time::timeout(within, stream.read_to_end(&mut bytes)).await;
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    assert!(
+        read.is_ok(),
+        "{addr} did not answer and close within {within:?}; it sent {text:?}"
+    );
+    parse_raw(&text)
+}
+
+/// Splits an HTTP/1.1 answer into its status, head and JSON body.
+pub fn parse_raw(text: &str) -> RawAnswer {
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {text:?}"));
+    let body = serde_json::from_str(body).unwrap_or_else(|_| Value::String(body.to_string()));
+    RawAnswer {
+        status,
+        head: head.to_string(),
+        body,
+    }
+}

@@ -166,6 +166,38 @@ async fn bad_input_gets_a_clear_problem_and_runs_nothing() {
     let a = api.post_raw("/v1/execute", "[".repeat(5000)).await;
     assert_eq!((a.status.as_u16(), a.code()), (400, "invalid_request"));
 
+    // A body not declared JSON (a browser's simple request) is 415, and runs nothing.
+    let job = r#"{"language": "python", "source": "print(1)"}"#;
+    for content_type in [
+        None,
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+    ] {
+        let mut req = api.http.post(format!("{}/v1/execute", api.url)).body(job);
+        if let Some(value) = content_type {
+            req = req.header("content-type", value);
+        }
+        let a = codefleet_tests::send(req.bearer_auth("abuse-secret")).await;
+        assert_eq!(
+            (a.status.as_u16(), a.code()),
+            (415, "unsupported_media_type"),
+            "{content_type:?}: {a:?}"
+        );
+        assert_eq!(a.headers["content-type"], "application/problem+json");
+    }
+    // Limits given as an array are not an object.
+    let a = api
+        .post(
+            "/v1/execute",
+            &json!({"language": "python", "source": "x", "limits": [1000]}),
+        )
+        .await;
+    assert_eq!(
+        (a.status.as_u16(), a.code()),
+        (400, "invalid_request"),
+        "{a:?}"
+    );
+
     // Unknown route and session.
     let a = api.get("/v1/nope").await;
     assert_eq!((a.status.as_u16(), a.code()), (404, "not_found"));
