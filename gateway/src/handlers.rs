@@ -11,10 +11,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use codefleet_shared::cluster::{CapacityReport, NodeState};
-use codefleet_shared::validate::{job_files, resolve_limits};
+use codefleet_shared::validate::{check_args, job_files, resolve_limits};
 use codefleet_shared::{
-    CreateSession, ErrorCode, ExecuteRequest, ExecuteResponse, FileSpec, LanguageInfo, Limits,
-    Problem, ResolvedLimits, SessionInfo,
+    CreateSession, ErrorCode, ExecuteRequest, ExecuteResponse, LanguageInfo, Limits, Problem,
+    ResolvedLimits, SessionInfo,
 };
 use serde_json::json;
 
@@ -64,14 +64,12 @@ const PLACEHOLDER_FILE_NAME: &str = "main";
 
 /// The input rules an agent would apply, checked here so bad input never leaves the gateway.
 /// Returns the limits the job will run with.
-fn check_job(
-    gw: &Gateway,
-    source: Option<&str>,
-    files: Option<&[FileSpec]>,
-    limits: Option<&Limits>,
-) -> Result<ResolvedLimits, GatewayError> {
-    job_files(source, files, PLACEHOLDER_FILE_NAME).map_err(GatewayError::Invalid)?;
-    check_limits(gw, limits)
+fn check_job(gw: &Gateway, request: &ExecuteRequest) -> Result<ResolvedLimits, GatewayError> {
+    let files = request.files.as_deref();
+    job_files(request.source.as_deref(), files, PLACEHOLDER_FILE_NAME)
+        .map_err(GatewayError::Invalid)?;
+    check_args(request.args.as_deref().unwrap_or_default()).map_err(GatewayError::Invalid)?;
+    check_limits(gw, request.limits.as_ref())
 }
 
 fn check_limits(gw: &Gateway, limits: Option<&Limits>) -> Result<ResolvedLimits, GatewayError> {
@@ -139,12 +137,7 @@ async fn run_execute(
 ) -> Result<Response, GatewayError> {
     let snapshot = gw.snapshot();
     let version = request.version.as_deref().filter(|v| !v.is_empty());
-    let limits = check_job(
-        gw,
-        request.source.as_deref(),
-        request.files.as_deref(),
-        request.limits.as_ref(),
-    )?;
+    let limits = check_job(gw, &request)?;
     let info = resolve_language(&snapshot, request.language.as_deref(), version)?;
     *label = Some(info.name.clone());
     let job = Job {
@@ -233,12 +226,7 @@ async fn session_execute(
     if request.language.is_some() || request.version.is_some() {
         return Err(GatewayError::invalid(FIXED_LANGUAGE));
     }
-    let limits = check_job(
-        &gw,
-        request.source.as_deref(),
-        request.files.as_deref(),
-        request.limits.as_ref(),
-    )?;
+    let limits = check_job(&gw, &request)?;
     let node = session_node(&gw, &id)?;
     let path = format!("/v1/sessions/{id}/execute");
     let timeout = job_timeout(&limits, gw.config().dispatch_margin());

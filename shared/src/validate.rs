@@ -14,6 +14,46 @@ pub const MAX_FILE_NAME: usize = 255;
 /// At most this many path segments in one file name.
 pub const MAX_FILE_DEPTH: usize = 8;
 
+/// At most this many `args`. The kernel refuses an exec whose arguments are too many or too
+/// long (E2BIG); these maxima keep every accepted request well inside what it takes, with room
+/// for the language's own command line.
+pub const MAX_ARGS: usize = 1024;
+/// At most this many bytes in one argument (the kernel's own cap is 128 KiB).
+pub const MAX_ARG_BYTES: usize = 64 * 1024;
+/// At most this many bytes in all arguments together, counting one terminating byte each.
+pub const MAX_ARGS_TOTAL_BYTES: usize = 128 * 1024;
+
+/// Checks a job's `args` against what the kernel accepts for an exec: the caller's fault
+/// beyond it, rejected before anything runs.
+pub fn check_args(args: &[String]) -> Result<(), Problem> {
+    let bad = |why: String| Err(Problem::new(ErrorCode::InvalidRequest, why));
+    if args.len() > MAX_ARGS {
+        return bad(format!(
+            "{} args; at most {MAX_ARGS} are accepted",
+            args.len()
+        ));
+    }
+    let mut total = 0;
+    for (i, arg) in args.iter().enumerate() {
+        if arg.len() > MAX_ARG_BYTES {
+            return bad(format!(
+                "args[{i}] is {} bytes; at most {MAX_ARG_BYTES} are accepted",
+                arg.len()
+            ));
+        }
+        if arg.contains('\0') {
+            return bad(format!("args[{i}] holds a NUL byte"));
+        }
+        total += arg.len() + 1;
+    }
+    if total > MAX_ARGS_TOTAL_BYTES {
+        return bad(format!(
+            "args take {total} bytes; at most {MAX_ARGS_TOTAL_BYTES} are accepted"
+        ));
+    }
+    Ok(())
+}
+
 /// A file ready to be written into the sandbox's work dir.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobFile {
@@ -21,7 +61,9 @@ pub struct JobFile {
     pub content: Vec<u8>,
 }
 
-/// Checks one file name: a relative path of `[A-Za-z0-9._-]` segments, no `.`/`..` segment.
+/// Checks one file name: a relative path of `[A-Za-z0-9._-]` segments, no `.`/`..` segment,
+/// and no segment starting with `-` (a compiler or interpreter given the entry file, or a
+/// glob of the work dir, would read it as an option).
 pub fn check_file_name(name: &str) -> Result<(), Problem> {
     let bad = |why: &str| {
         Err(Problem::new(
@@ -48,6 +90,9 @@ pub fn check_file_name(name: &str) -> Result<(), Problem> {
         }
         if segment == "." || segment == ".." {
             return bad("has a '.' or '..' segment");
+        }
+        if segment.starts_with('-') {
+            return bad("has a segment starting with '-', which a command would read as an option");
         }
         if let Some(c) = segment
             .chars()
@@ -252,6 +297,11 @@ mod tests {
             ("space name", false),
             ("ünï", false),
             ("a\\b", false),
+            ("-version.java", false),
+            ("--help.cpp", false),
+            ("-o.rs", false),
+            ("src/-x.go", false),
+            ("a-b.c", true),
         ];
         for (name, ok) in table {
             assert_eq!(check_file_name(name).is_ok(), *ok, "{name:?}");
@@ -264,6 +314,34 @@ mod tests {
         }
         assert!(check_file_name(&"a".repeat(256)).is_err());
         assert!(check_file_name(&["a"; 9].join("/")).is_err());
+    }
+
+    #[test]
+    fn args_within_what_the_kernel_accepts() {
+        let many = |n: usize, len: usize| vec!["a".repeat(len); n];
+        let table: &[(Vec<String>, bool)] = &[
+            (vec![], true),
+            (many(MAX_ARGS, 1), true),
+            (many(MAX_ARGS + 1, 1), false),
+            (many(1, MAX_ARG_BYTES), true),
+            (many(1, MAX_ARG_BYTES + 1), false),
+            (many(2, MAX_ARG_BYTES - 1), true),
+            (many(3, MAX_ARG_BYTES - 1), false),
+            (vec!["a\0b".to_string()], false),
+        ];
+        for (args, ok) in table {
+            let got = check_args(args);
+            assert_eq!(
+                got.is_ok(),
+                *ok,
+                "{} args of {:?} bytes",
+                args.len(),
+                args.first().map(String::len)
+            );
+            if let Err(p) = got {
+                assert_eq!(p.code, ErrorCode::InvalidRequest);
+            }
+        }
     }
 
     #[test]
