@@ -11,4 +11,4 @@ docker info >/dev/null 2>&1 || { echo "Docker is not reachable; start the Docker
 deploy/images/bootstrap-base.sh
 deploy/build-supervisor.sh
 cargo build --quiet --release -p codefleet-gateway
-exec target/release/codefleet-gateway --dev --listen 127.0.0.1:8080 "$@"
+exec target/release/codefleet-gateway --dev --dev-node-id local --listen 127.0.0.1:8080 "$@"

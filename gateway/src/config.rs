@@ -23,6 +23,11 @@ pub struct Config {
     #[arg(long, env = "CODEFLEET_DEV")]
     pub dev: bool,
 
+    /// Node id of the `--dev` agent (default: `dev-<host name>-<port of --listen>`, so two
+    /// `--dev` gateways on one machine never share one).
+    #[arg(long, env = "CODEFLEET_DEV_NODE_ID")]
+    pub dev_node_id: Option<String>,
+
     /// Token that agents present on reports, and that the gateway presents to agents.
     #[arg(long, env = "CODEFLEET_CLUSTER_TOKEN", hide_env_values = true)]
     pub cluster_token: Option<String>,
@@ -82,9 +87,15 @@ pub struct Config {
     #[arg(long, env = "CODEFLEET_MAX_JSON_DEPTH", default_value_t = 32)]
     pub max_json_depth: usize,
 
-    /// How long a job may wait at the gateway for a node with room before 503 no_capacity.
-    #[arg(long, env = "CODEFLEET_QUEUE_WAIT_MS", default_value_t = 2_000)]
+    /// The longest a job waits for a slot, at the gateway while every node is full and then in
+    /// the agent's queue, before 503 no_capacity.
+    #[arg(long, env = "CODEFLEET_QUEUE_WAIT_MS", default_value_t = 30_000)]
     pub queue_wait_ms: u64,
+
+    /// Jobs that may wait at the gateway for a node with room; one more is answered 503
+    /// no_capacity at once (default: four times the slots of the ready nodes).
+    #[arg(long, env = "CODEFLEET_QUEUE_LENGTH")]
+    pub queue_length: Option<u32>,
 
     /// Nodes tried per job, at most (retries happen only when a node cannot have started it).
     #[arg(long, env = "CODEFLEET_MAX_ATTEMPTS", default_value_t = 3)]

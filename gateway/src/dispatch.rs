@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::http::{header, Method, StatusCode};
+use codefleet_shared::cluster::QUEUE_WAIT_HEADER;
 use codefleet_shared::{ErrorCode, Problem, ResolvedLimits};
 use tokio::time::Instant;
 
@@ -131,6 +132,21 @@ impl Dispatcher {
         })
     }
 
+    /// A job's POST to one node, which may wait up to `queue_wait` in the agent's queue.
+    pub async fn call_queued(
+        &self,
+        node: &NodeHandle,
+        path: &str,
+        body: Bytes,
+        timeout: Duration,
+        queue_wait: Duration,
+    ) -> Result<Reply, AttemptError> {
+        let wait = queue_wait.as_millis().to_string();
+        let header = (QUEUE_WAIT_HEADER, wait.as_str());
+        self.send(node, Method::POST, path, Some(body), timeout, Some(header))
+            .await
+    }
+
     /// One call to one node. Ends as soon as the answer is in, the connection fails, `timeout`
     /// passes, or membership declares the node lost, whichever comes first.
     pub async fn call(
@@ -141,6 +157,18 @@ impl Dispatcher {
         body: Option<Bytes>,
         timeout: Duration,
     ) -> Result<Reply, AttemptError> {
+        self.send(node, method, path, body, timeout, None).await
+    }
+
+    async fn send(
+        &self,
+        node: &NodeHandle,
+        method: Method,
+        path: &str,
+        body: Option<Bytes>,
+        timeout: Duration,
+        header: Option<(&'static str, &str)>,
+    ) -> Result<Reply, AttemptError> {
         if node.is_lost() {
             return Err(AttemptError::Refused("the node is down".to_string()));
         }
@@ -148,6 +176,9 @@ impl Dispatcher {
             .client
             .request(method, format!("{}{path}", node.address))
             .timeout(timeout);
+        if let Some((name, value)) = header {
+            request = request.header(name, value);
+        }
         if let Some(token) = &self.cluster_token {
             request = request.bearer_auth(token);
         }
@@ -205,6 +236,29 @@ fn classify(error: reqwest::Error, timeout: Duration) -> AttemptError {
         AttemptError::Refused(detail)
     } else {
         AttemptError::Lost(detail)
+    }
+}
+
+/// One job waiting at the gateway for a node with room; counted until dropped.
+struct Waiting<'a> {
+    count: &'a AtomicU32,
+}
+
+impl<'a> Waiting<'a> {
+    /// Joins the wait, unless `length` jobs wait already.
+    fn join(count: &'a AtomicU32, length: u32) -> Option<Waiting<'a>> {
+        count
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < length).then_some(n + 1)
+            })
+            .ok()?;
+        Some(Waiting { count })
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -322,6 +376,20 @@ pub async fn place(gw: &Gateway, job: Job<'_>) -> Result<Placed, GatewayError> {
                         ),
                     });
                 }
+                // A burst queues; beyond the queue's length the job is refused at once.
+                let length = config
+                    .queue_length
+                    .unwrap_or(snapshot.ready_slots.saturating_mul(4))
+                    .max(1);
+                let Some(_queued) = Waiting::join(&gw.waiting, length) else {
+                    metrics::rejection("no_capacity");
+                    return Err(GatewayError::NoCapacity {
+                        detail: format!(
+                            "every node running {} is busy and {length} jobs wait already",
+                            job.language
+                        ),
+                    });
+                };
                 let _waiting = metrics::waiting();
                 tokio::select! {
                     () = freed => {}
@@ -333,14 +401,16 @@ pub async fn place(gw: &Gateway, job: Job<'_>) -> Result<Placed, GatewayError> {
         };
 
         let inflight = node.begin(Arc::clone(&gw.freed));
+        // What is left of the job's wait may be spent in the agent's own queue.
+        let queue_left = deadline.saturating_duration_since(Instant::now());
         let result = gw
             .dispatcher
-            .call(
+            .call_queued(
                 &node,
-                Method::POST,
                 job.path,
-                Some(job.body.clone()),
-                job.timeout,
+                job.body.clone(),
+                job.timeout + queue_left,
+                queue_left,
             )
             .await;
         drop(inflight);
@@ -381,7 +451,17 @@ pub async fn call_bound(
     timeout: Duration,
 ) -> Result<Reply, GatewayError> {
     let _inflight = node.begin(Arc::clone(&gw.freed));
-    let result = gw.dispatcher.call(node, method, path, body, timeout).await;
+    let result = match (method, body) {
+        // A session's execution may wait in the agent's queue like any job.
+        (Method::POST, Some(body)) => {
+            let wait = gw.config().queue_wait();
+            let timeout = timeout + wait;
+            gw.dispatcher
+                .call_queued(node, path, body, timeout, wait)
+                .await
+        }
+        (method, body) => gw.dispatcher.call(node, method, path, body, timeout).await,
+    };
     result.map_err(|failure| match failure {
         AttemptError::Busy(problem) => GatewayError::Agent {
             node: node.id.to_string(),

@@ -47,6 +47,8 @@ pub struct Gateway {
     dispatcher: Dispatcher,
     /// Notified whenever a node may have room again, for jobs waiting for one.
     freed: Arc<Notify>,
+    /// Jobs waiting here for a node with room (bounded by `--queue-length`).
+    waiting: std::sync::atomic::AtomicU32,
     metrics: PrometheusHandle,
 }
 
@@ -63,6 +65,7 @@ impl Gateway {
             snapshot: RwLock::new(Arc::new(Snapshot::empty(config.vnodes))),
             dispatcher: Dispatcher::new(&config)?,
             freed: Arc::new(Notify::new()),
+            waiting: std::sync::atomic::AtomicU32::new(0),
             metrics: metrics::handle(),
             config,
         }))

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use codefleet_gateway::Config;
+use codefleet_node_agent::lease::LeaseHeld;
 use tracing_subscriber::EnvFilter;
 
 /// `EX_USAGE` from sysexits.h.
@@ -40,6 +41,11 @@ async fn main() -> ExitCode {
 
     match run(config).await {
         Ok(()) => ExitCode::SUCCESS,
+        // The `--dev` agent's node id is held by another live agent on this machine.
+        Err(error) if error.downcast_ref::<LeaseHeld>().is_some() => {
+            eprintln!("codefleet-gateway: {error:#}");
+            ExitCode::from(BAD_CONFIG)
+        }
         Err(error) => {
             tracing::error!(error = format!("{error:#}"), "gateway failed");
             ExitCode::FAILURE
@@ -84,14 +90,42 @@ async fn start_dev_agent(
 ) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
-    let mut agent = codefleet_node_agent::Config::for_node("local", address);
+    let node = match &config.dev_node_id {
+        Some(node) => node.clone(),
+        None => dev_node_id(config.listen.port()),
+    };
+    let mut agent = codefleet_node_agent::Config::for_node(&node, address);
     agent.gateways = vec![gateway_url.to_string()];
     agent.cluster_token = config.cluster_token.clone();
     agent.advertise = Some(format!("http://{address}"));
-    tracing::info!(agent = %address, "dev mode: starting a local agent");
-    Ok(tokio::spawn(codefleet_node_agent::serve(
+    tracing::info!(agent = %address, %node, "dev mode: starting a local agent");
+    codefleet_node_agent::telemetry::prometheus();
+    // Built here, before serving, so a node id another agent holds stops the gateway at once.
+    let agent = codefleet_node_agent::build(agent)?;
+    Ok(tokio::spawn(codefleet_node_agent::run(
         agent, listener, shutdown,
     )))
+}
+
+/// `dev-<host name>-<port>`, reduced to the characters a node id may hold.
+fn dev_node_id(port: u16) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host: String = host
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(40)
+        .collect();
+    match host.is_empty() {
+        true => format!("dev-{port}"),
+        false => format!("dev-{host}-{port}"),
+    }
 }
 
 async fn shutdown_signal() {

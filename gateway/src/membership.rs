@@ -135,7 +135,7 @@ struct Member {
 
 impl Member {
     fn state(&self) -> NodeState {
-        if self.missed || self.unreachable {
+        if self.missed || self.unreachable || !self.report.ready {
             NodeState::Down
         } else if self.drained || self.report.draining {
             NodeState::Draining
@@ -361,10 +361,17 @@ impl Membership {
                 load: Arc::clone(&m.handle),
             })
             .collect();
+        let ready_slots = self
+            .members
+            .values()
+            .filter(|m| m.state() == NodeState::Ready)
+            .map(|m| m.report.slots_total)
+            .sum();
         Snapshot {
             table: previous.table.update(entries),
             catalog: self.catalog(),
             ready_nodes: self.count(NodeState::Ready),
+            ready_slots,
         }
     }
 
@@ -441,6 +448,8 @@ pub struct Snapshot {
     pub table: RoutingTable<Arc<NodeHandle>>,
     pub catalog: Catalog,
     pub ready_nodes: usize,
+    /// Slots of all ready nodes together.
+    pub ready_slots: u32,
 }
 
 impl Snapshot {
@@ -449,6 +458,7 @@ impl Snapshot {
             table: RoutingTable::new(vnodes, Vec::new()),
             catalog: Catalog::default(),
             ready_nodes: 0,
+            ready_slots: 0,
         }
     }
 }
@@ -530,6 +540,7 @@ mod tests {
             slots_busy: busy,
             queued: 0,
             draining: false,
+            ready: true,
             languages: [("python".to_string(), python("3.11.2"))].into(),
             sessions: 0,
         }

@@ -198,6 +198,7 @@ fn capacity(id: &str, address: &str, slots: u32, busy: u32) -> CapacityReport {
         slots_total: slots,
         slots_busy: busy,
         queued: 0,
+        ready: true,
         draining: false,
         languages: [("python".to_string(), python), ("go".to_string(), go)].into(),
         sessions: 0,

@@ -11,7 +11,7 @@ use tokio::sync::{Notify, Semaphore};
 
 use codefleet_shared::cluster::{CapacityReport, LanguageCapacity};
 use codefleet_shared::sandbox::{Job, SandboxFile, Stage, StageOutcome};
-use codefleet_shared::validate::{job_files, resolve_limits, JobFile};
+use codefleet_shared::validate::{check_args, job_files, resolve_limits, JobFile};
 use codefleet_shared::{
     ErrorCode, ExecuteRequest, ExecuteResponse, ImageState, Isolation, LanguageInfo, LanguageRef,
     Problem, ResolvedLimits, StageResult, Status, Timing,
@@ -33,8 +33,13 @@ const OPEN_FILES: u64 = 256;
 const ANSWER_MARGIN: Duration = Duration::from_secs(10);
 /// Container starts under way at once (each costs the engine real CPU).
 const PARALLEL_STARTS: usize = 2;
-/// How long a `recycled` job waits for a sandbox being reset before starting a cold one.
+/// How long a `recycled` job waits for a sandbox being reset before taking a never-used one.
 const RESET_WAIT: Duration = Duration::from_millis(100);
+/// How long it waits for a reset when no never-used sandbox is ready either (the alternative is
+/// a cold start): a reset answers or fails within its own deadline of 10 s.
+const RESET_WAIT_NO_FRESH: Duration = Duration::from_secs(10);
+/// Dead pooled sandboxes a job may meet before it is started on a new one.
+const MAX_DEAD_PER_JOB: u32 = 4;
 
 #[derive(Debug, Clone)]
 pub enum ImageStatus {
@@ -73,6 +78,36 @@ pub struct Agent {
     pub refill: Notify,
     /// Woken whenever a reset sandbox is back in a pool.
     returned: Notify,
+    /// This agent's hold on its node id (see `lease`); `None` only for agents built by hand.
+    pub lease: Option<crate::lease::NodeLease>,
+}
+
+/// One job waiting for a slot; counted in the queue until dropped, however the wait ends (a
+/// cancelled request included).
+struct Queued<'a> {
+    agent: &'a Agent,
+}
+
+impl<'a> Queued<'a> {
+    /// Joins the queue, unless it is full.
+    fn join(agent: &'a Agent) -> Option<Queued<'a>> {
+        let max = agent.config.queue_length();
+        let joined = agent
+            .queued
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < max).then_some(n + 1)
+            });
+        let depth = joined.ok()? + 1;
+        metrics::gauge!("codefleet_queue_depth").set(f64::from(depth));
+        Some(Queued { agent })
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        let depth = self.agent.queued.fetch_sub(1, Ordering::SeqCst) - 1;
+        metrics::gauge!("codefleet_queue_depth").set(f64::from(depth));
+    }
 }
 
 /// A slot held by one job; freed on drop.
@@ -131,6 +166,7 @@ impl Agent {
             started: AtomicBool::new(false),
             refill: Notify::new(),
             returned: Notify::new(),
+            lease: None,
         }
     }
 
@@ -234,46 +270,69 @@ impl Agent {
             &self.config.default_limits(),
             &self.config.max_limits(),
         )?;
+        let args = req.args.clone().unwrap_or_default();
+        check_args(&args)?;
         Ok(Prepared {
             language,
             version,
             limits,
             job_files: files,
             stdin: req.stdin.clone().unwrap_or_default(),
-            args: req.args.clone().unwrap_or_default(),
+            args,
             isolation: req.isolation.unwrap_or_default(),
         })
     }
 
-    /// Waits for a free slot, at most the configured queue wait.
-    pub async fn take_slot(self: &Arc<Self>) -> Result<Slot, Problem> {
+    /// Takes a free slot, or queues for one: at most `wait` (bounded by `--queue-wait-ms`), and
+    /// only while fewer than `--queue-length` jobs wait already; beyond that the job is refused
+    /// at once, so a burst queues and an overload sheds without piling up.
+    pub async fn take_slot(self: &Arc<Self>, wait: Option<Duration>) -> Result<Slot, Problem> {
         if self.draining.load(Ordering::SeqCst) {
             return Err(Problem::new(
                 ErrorCode::NoCapacity,
                 format!("node {} is draining", self.node()),
             ));
         }
-        self.queued.fetch_add(1, Ordering::SeqCst);
-        let wait = Duration::from_millis(self.config.queue_wait_ms);
-        let permit = tokio::time::timeout(wait, self.slots.clone().acquire_owned()).await;
-        self.queued.fetch_sub(1, Ordering::SeqCst);
-        match permit {
-            Ok(Ok(permit)) => {
-                self.busy.fetch_add(1, Ordering::SeqCst);
-                Ok(Slot {
-                    agent: self.clone(),
-                    _permit: permit,
-                })
-            }
-            _ => Err(Problem::new(
-                ErrorCode::NoCapacity,
-                format!(
-                    "all {} slots of node {} are busy",
-                    self.config.slots,
-                    self.node()
-                ),
-            )),
+        if !self.docker_ok.load(Ordering::SeqCst) {
+            return Err(docker_unreachable(self.node()));
         }
+        let started = Instant::now();
+        let permit = match self.slots.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                let busy = |why: String| {
+                    metrics::counter!("codefleet_queue_rejections_total").increment(1);
+                    Problem::new(ErrorCode::NoCapacity, why).with_retry_after(1)
+                };
+                let Some(_waiting) = Queued::join(self) else {
+                    return Err(busy(format!(
+                        "all {} slots of node {} are busy and {} jobs wait already",
+                        self.config.slots,
+                        self.node(),
+                        self.config.queue_length()
+                    )));
+                };
+                let most = Duration::from_millis(self.config.queue_wait_ms);
+                let wait = wait.map_or(most, |w| w.min(most));
+                match tokio::time::timeout(wait, self.slots.clone().acquire_owned()).await {
+                    Ok(Ok(permit)) => permit,
+                    _ => {
+                        return Err(busy(format!(
+                            "all {} slots of node {} stayed busy for {} ms",
+                            self.config.slots,
+                            self.node(),
+                            wait.as_millis()
+                        )))
+                    }
+                }
+            }
+        };
+        metrics::histogram!("codefleet_queue_wait_seconds").record(started.elapsed().as_secs_f64());
+        self.busy.fetch_add(1, Ordering::SeqCst);
+        Ok(Slot {
+            agent: self.clone(),
+            _permit: permit,
+        })
     }
 
     pub fn pool_key(&self, language: &str, memory_bytes: u64) -> PoolKey {
@@ -365,48 +424,62 @@ impl Agent {
         Ok(sandbox)
     }
 
-    /// Runs a validated job on this node and answers as `/v1/execute` does.
+    /// Runs a validated job on this node and answers as `/v1/execute` does. `wait` is the most
+    /// the caller lets it queue for a slot.
     pub async fn execute(
         self: &Arc<Self>,
         prepared: Prepared,
         received: Instant,
+        wait: Option<Duration>,
     ) -> Result<ExecuteResponse, Problem> {
-        let slot = self.take_slot().await?;
-        let queued = received.elapsed();
+        let slot = self.take_slot(wait).await?;
+        let timing = (received, received.elapsed());
         let key = self.pool_key(&prepared.language.name, prepared.limits.memory_bytes);
         let in_use = self.pools.begin(&key, Instant::now());
-        let (mut sandbox, source) = match self.warm_sandbox(&key, prepared.isolation).await {
-            Some(found) => found,
-            None => match self.start_sandbox(&key, "pool").await {
-                Ok(sb) => (sb, Source::Cold),
-                Err(e) => {
-                    tracing::error!(language = %key.language, error = %e, "starting a sandbox failed");
-                    let why = e.to_string();
-                    return Ok(internal_error(
-                        self,
-                        new_id("ex"),
-                        &prepared,
-                        (received, queued),
-                        &why,
-                    ));
+        let mut dead = 0;
+        let (outcome, sandbox, source, id) = loop {
+            let (mut sandbox, source) = match self.warm_sandbox(&key, prepared.isolation).await {
+                Some(found) => found,
+                None => match self.start_sandbox(&key, "pool").await {
+                    Ok(sb) => (sb, Source::Cold),
+                    Err(e) => {
+                        tracing::error!(language = %key.language, error = %e, "starting a sandbox failed");
+                        // An engine that went away: the job did not start, and the caller may
+                        // send it elsewhere.
+                        if self.docker.ping().await.is_err() {
+                            self.docker_ok.store(false, Ordering::SeqCst);
+                            return Err(docker_unreachable(self.node()));
+                        }
+                        let why = e.to_string();
+                        let id = new_id("ex");
+                        let cause = "container_start";
+                        return Ok(internal_error(self, id, &prepared, timing, cause, &why));
+                    }
+                },
+            };
+            if source != Source::Warm {
+                // The pool shrank: let the refiller start a replacement now, not at its next tick.
+                self.refill.notify_one();
+            }
+            let job = self.job(&prepared, sandbox.uid);
+            let id = job.id.clone();
+            match sandbox.run(job, job_deadline(&prepared.limits)).await {
+                // A pooled sandbox that died behind our back (its container removed, the
+                // engine restarted): the job never reached it, so another sandbox runs it.
+                Err(SandboxError::Dead(why)) if dead < MAX_DEAD_PER_JOB => {
+                    dead += 1;
+                    metrics::counter!("codefleet_sandboxes_dead_total").increment(1);
+                    tracing::warn!(container = %sandbox.id, %why, "pooled sandbox was dead; running the job on another");
+                    self.refill.notify_one();
                 }
-            },
+                outcome => break (outcome, sandbox, source, id),
+            }
         };
-        if source != Source::Warm {
-            // The pool shrank: let the refiller start a replacement now, not at its next tick.
-            self.refill.notify_one();
-        }
         metrics::counter!("codefleet_sandbox_acquired_total", "language" => key.language.clone(), "source" => source.as_str())
             .increment(1);
-
-        let job = self.job(&prepared, sandbox.uid);
-        let id = job.id.clone();
-        let within = job_deadline(&prepared.limits);
-        let outcome = sandbox.run(job, within).await;
         drop(slot);
         let response = match outcome {
             Ok(stages) => {
-                let timing = (received, queued);
                 let response = respond(self, id, &prepared, stages, timing, source.as_str());
                 // Start the reset before releasing the key, so the refiller never sees the
                 // sandbox as neither in use nor coming back.
@@ -414,9 +487,8 @@ impl Agent {
                 response
             }
             Err(e) => {
-                tracing::warn!(container = %sandbox.id, error = %e, "sandbox failed; discarding it");
-                drop(sandbox);
-                internal_error(self, id, &prepared, (received, queued), &e.to_string())
+                self.sandbox_failed(sandbox, id, &prepared, timing, &e)
+                    .await
             }
         };
         drop(in_use);
@@ -424,19 +496,56 @@ impl Agent {
         Ok(response)
     }
 
-    /// A ready sandbox from the pool: for a `recycled` job a reset one first, waiting a little
-    /// for one being reset (a reset takes milliseconds, a cold start hundreds), then one that
-    /// never ran a job.
+    /// The answer for a job whose sandbox failed under it; the sandbox is discarded. When the
+    /// engine says the container was killed for memory, the job's own memory use (its files,
+    /// its processes) took the sandbox down: that is the job's `memory_limit`, not the node's
+    /// failure.
+    pub async fn sandbox_failed(
+        &self,
+        sandbox: Sandbox,
+        id: String,
+        prepared: &Prepared,
+        timing: (Instant, Duration),
+        error: &SandboxError,
+    ) -> ExecuteResponse {
+        tracing::warn!(container = %sandbox.id, error = %error, "sandbox failed; discarding it");
+        let oom = matches!(error, SandboxError::Lost | SandboxError::Dead(_))
+            && self.docker.oom_killed(&sandbox.id).await.unwrap_or(false);
+        drop(sandbox);
+        if oom {
+            metrics::counter!("codefleet_sandbox_oom_total").increment(1);
+            let why = "codefleet: the job's memory use (its processes and the files it keeps) \
+                       reached the sandbox's limit and the sandbox was stopped\n";
+            return failed_answer(self, id, prepared, timing, Status::MemoryLimit, why.into());
+        }
+        internal_error(
+            self,
+            id,
+            prepared,
+            timing,
+            error.cause(),
+            &error.to_string(),
+        )
+    }
+
+    /// A ready sandbox from the pool: for a `recycled` job a reset one first, waiting for one
+    /// being reset (a reset takes milliseconds, a cold start hundreds): a little when a
+    /// never-used one is ready, until the reset ends when none is; then one that never ran a job.
     async fn warm_sandbox(&self, key: &PoolKey, isolation: Isolation) -> Option<(Sandbox, Source)> {
         if isolation == Isolation::Recycled {
-            let deadline = Instant::now() + RESET_WAIT;
+            let started = Instant::now();
             loop {
                 // Register interest before looking, so a reset ending in between is not missed.
                 let returned = self.returned.notified();
                 if let Some(sb) = self.pools.take_recycled(key) {
                     return Some((sb, Source::Warm));
                 }
-                let left = deadline.saturating_duration_since(Instant::now());
+                let patience = if self.pools.has_fresh(key) {
+                    RESET_WAIT
+                } else {
+                    RESET_WAIT_NO_FRESH
+                };
+                let left = patience.saturating_sub(started.elapsed());
                 if self.pools.resetting(key) == 0 || left.is_zero() {
                     break;
                 }
@@ -587,6 +696,7 @@ impl Agent {
             slots_busy: self.busy.load(Ordering::SeqCst),
             queued: self.queued.load(Ordering::SeqCst),
             draining: self.draining.load(Ordering::SeqCst),
+            ready: self.docker_ok.load(Ordering::SeqCst) && self.started.load(Ordering::SeqCst),
             languages,
             sessions: self.sessions.len() as u32,
         }
@@ -733,7 +843,18 @@ impl Agent {
                 .filter(|l| matches!(self.image_status(&l.name), ImageStatus::Ready { ref version, .. } if !version.is_empty()))
                 .map(|l| self.pool_key(&l.name, self.config.default_limits().memory_bytes))
                 .collect();
-            if self.started.load(Ordering::SeqCst) && !self.draining.load(Ordering::SeqCst) {
+            // Sandboxes whose containers died behind our back go before any job is handed one,
+            // and the plan below replaces them.
+            let dead = self.pools.take_dead(Sandbox::alive);
+            if !dead.is_empty() {
+                metrics::counter!("codefleet_sandboxes_dead_total").increment(dead.len() as u64);
+                tracing::warn!(count = dead.len(), "pooled sandboxes died; replacing them");
+                drop(dead);
+            }
+            let can_start = self.started.load(Ordering::SeqCst)
+                && !self.draining.load(Ordering::SeqCst)
+                && self.docker_ok.load(Ordering::SeqCst);
+            if can_start {
                 let (refills, idle) = self.pools.plan(|k| self.sizing(k), &wanted, Instant::now());
                 drop(idle);
                 for refill in refills {
@@ -758,6 +879,8 @@ impl Agent {
                 metrics::gauge!("codefleet_warm_sandboxes", "language" => lang).set(n as f64);
             }
             metrics::gauge!("codefleet_slots_busy").set(self.busy.load(Ordering::SeqCst) as f64);
+            let reachable = self.docker_ok.load(Ordering::SeqCst);
+            metrics::gauge!("codefleet_docker_reachable").set(f64::from(u8::from(reachable)));
             let _ = tokio::time::timeout(Duration::from_millis(500), self.refill.notified()).await;
         }
     }
@@ -820,19 +943,35 @@ pub fn respond(
     }
 }
 
+/// The answer for a job the node failed (never the program's doing); counted by cause.
 pub fn internal_error(
     agent: &Agent,
     id: String,
     p: &Prepared,
-    (received, queued): (Instant, Duration),
+    timing: (Instant, Duration),
+    cause: &'static str,
     why: &str,
 ) -> ExecuteResponse {
+    metrics::counter!("codefleet_internal_errors_total", "cause" => cause).increment(1);
+    let stderr = format!("codefleet: the sandbox failed: {why}\n");
+    failed_answer(agent, id, p, timing, Status::InternalError, stderr)
+}
+
+/// An answer whose one stage is `status` with `stderr` saying why, and nothing else ran.
+fn failed_answer(
+    agent: &Agent,
+    id: String,
+    p: &Prepared,
+    (received, queued): (Instant, Duration),
+    status: Status,
+    stderr: String,
+) -> ExecuteResponse {
     let failed = StageResult {
-        status: Status::InternalError,
+        status,
         exit_code: None,
         signal: None,
         stdout: String::new(),
-        stderr: format!("codefleet: the sandbox failed: {why}\n"),
+        stderr,
         stdout_truncated: false,
         stderr_truncated: false,
         wall_time_ms: 0,
@@ -845,7 +984,7 @@ pub fn internal_error(
             name: p.language.name.clone(),
             version: p.version.clone(),
         },
-        status: Status::InternalError,
+        status,
         compile: None,
         run: Some(failed),
         node: agent.node().to_string(),
@@ -856,6 +995,15 @@ pub fn internal_error(
         sandbox: None,
         attempts: None,
     }
+}
+
+/// 503 for work that arrives while this node's Docker engine does not answer.
+pub fn docker_unreachable(node: &str) -> Problem {
+    Problem::new(
+        ErrorCode::NoCapacity,
+        format!("node {node} cannot reach its Docker engine"),
+    )
+    .with_retry_after(2)
 }
 
 fn record(r: &ExecuteResponse, p: &Prepared) {

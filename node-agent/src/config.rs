@@ -67,9 +67,15 @@ pub struct Config {
     #[arg(long, env = "CODEFLEET_SLOTS", default_value_t = 8)]
     pub slots: u32,
 
-    /// How long a job may wait for a slot before 503 no_capacity.
-    #[arg(long, env = "CODEFLEET_QUEUE_WAIT_MS", default_value_t = 2_000)]
+    /// The longest a job waits in the queue for a slot (a gateway may ask for less, with the
+    /// `x-codefleet-queue-wait-ms` header) before 503 no_capacity.
+    #[arg(long, env = "CODEFLEET_QUEUE_WAIT_MS", default_value_t = 30_000)]
     pub queue_wait_ms: u64,
+
+    /// Jobs that may wait for a slot at once; one more is answered 503 no_capacity at once
+    /// (default: four times `--slots`).
+    #[arg(long, env = "CODEFLEET_QUEUE_LENGTH")]
+    pub queue_length: Option<u32>,
 
     /// Warm sandboxes kept ready per language at least (default limits tier).
     #[arg(long, env = "CODEFLEET_POOL_MIN", default_value_t = 2)]
@@ -179,6 +185,11 @@ impl Config {
         config.node_id = node_id.to_string();
         config.listen = listen;
         config
+    }
+
+    /// How many jobs may wait for a slot at once.
+    pub fn queue_length(&self) -> u32 {
+        self.queue_length.unwrap_or(self.slots.saturating_mul(4))
     }
 
     /// The limits of the HTTP edge: header and body timeouts, the connection cap.

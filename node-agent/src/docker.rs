@@ -340,6 +340,18 @@ impl Docker {
         }
     }
 
+    /// Whether the engine recorded an out-of-memory kill in this container (read before it is
+    /// removed, to tell a job that exhausted its memory from a sandbox that failed).
+    pub async fn oom_killed(&self, id: &str) -> Result<bool, DockerError> {
+        let info = timed(
+            "inspect_container",
+            SHORT,
+            self.inner.inspect_container(id, None),
+        )
+        .await?;
+        Ok(info.state.and_then(|s| s.oom_killed).unwrap_or(false))
+    }
+
     /// Ids of every container (running or not) labelled with this node.
     pub async fn list_owned(&self, node: &str) -> Result<Vec<String>, DockerError> {
         let filters = HashMap::from([("label".to_string(), vec![format!("{LABEL_NODE}={node}")])]);

@@ -17,6 +17,7 @@ use tracing::Instrument;
 
 use codefleet_shared::api::object_only::Object;
 use codefleet_shared::auth;
+use codefleet_shared::cluster::QUEUE_WAIT_HEADER;
 use codefleet_shared::validate::json_depth;
 use codefleet_shared::{CreateSession, ErrorCode, ExecuteRequest, Problem};
 
@@ -114,12 +115,28 @@ async fn read_json<T: DeserializeOwned>(agent: &Agent, request: Request) -> Resu
 
 async fn execute(State(agent): State<Arc<Agent>>, request: Request) -> Result<Response, ApiError> {
     let received = Instant::now();
+    let wait = queue_wait(request.headers());
     let req: ExecuteRequest = read_json(&agent, request).await?;
     let prepared = agent.prepare(&req, None)?;
     let span =
         tracing::info_span!("execute", node = %agent.node(), language = %prepared.language.name);
-    let response = agent.execute(prepared, received).instrument(span).await?;
+    let response = agent
+        .execute(prepared, received, wait)
+        .instrument(span)
+        .await?;
     Ok(Json(response).into_response())
+}
+
+/// How long the caller lets the job queue for a slot (a gateway says what is left of its own
+/// wait); `None` for the agent's own maximum.
+fn queue_wait(headers: &HeaderMap) -> Option<std::time::Duration> {
+    let ms = headers
+        .get(QUEUE_WAIT_HEADER)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()?;
+    Some(std::time::Duration::from_millis(ms))
 }
 
 async fn languages(State(agent): State<Arc<Agent>>) -> Response {
@@ -151,6 +168,7 @@ async fn session_execute(
     request: Request,
 ) -> Result<Response, ApiError> {
     let received = Instant::now();
+    let wait = queue_wait(request.headers());
     let req: ExecuteRequest = read_json(&agent, request).await?;
     if req.language.is_some() || req.version.is_some() {
         return Err(Problem::new(
@@ -159,7 +177,7 @@ async fn session_execute(
         )
         .into());
     }
-    let response = agent.session_execute(&id, req, received).await?;
+    let response = agent.session_execute(&id, req, received, wait).await?;
     Ok(Json(response).into_response())
 }
 

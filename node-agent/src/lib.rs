@@ -13,6 +13,7 @@ pub mod config;
 pub mod docker;
 pub mod http;
 pub mod images;
+pub mod lease;
 pub mod pool;
 pub mod report;
 pub mod sandbox;
@@ -34,8 +35,14 @@ use crate::catalog::Catalog;
 use crate::docker::Docker;
 use crate::sandbox::Reaper;
 
-/// Builds the agent from its configuration (without serving).
+/// Builds the agent from its configuration (without serving). Fails with
+/// [`lease::LeaseHeld`] when another live agent on this machine has the same node id.
 pub fn build(config: Config) -> anyhow::Result<Arc<Agent>> {
+    let lease =
+        lease::NodeLease::acquire(&config.run_dir, &config.node_id).map_err(|e| match e {
+            lease::LeaseError::Held(held) => anyhow::Error::new(held),
+            other => anyhow::Error::new(other),
+        })?;
     let catalog = Catalog::load(config.languages.as_deref())
         .and_then(|c| c.restrict(&config.enable))
         .map_err(anyhow::Error::msg)
@@ -45,13 +52,15 @@ pub fn build(config: Config) -> anyhow::Result<Arc<Agent>> {
     )?;
     let docker = Docker::connect().context("connecting to Docker")?;
     let (reaper, _) = Reaper::start(docker.clone());
-    Ok(Arc::new(Agent::new(
+    let mut agent = Agent::new(
         config,
         catalog,
         docker,
         reaper,
         supervisor.to_string_lossy().into_owned(),
-    )))
+    );
+    agent.lease = Some(lease);
+    Ok(Arc::new(agent))
 }
 
 /// Serves the agent API on `listener` until `shutdown` resolves, then drains (in-flight jobs

@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use codefleet_node_agent::lease::LeaseHeld;
 use codefleet_node_agent::{prepare_images, serve, telemetry, Config};
 
 #[tokio::main]
@@ -38,6 +39,11 @@ async fn main() -> ExitCode {
     };
     match serve(config, listener, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
+        // Another agent serves this node id: a configuration error, like a bad flag.
+        Err(e) if e.downcast_ref::<LeaseHeld>().is_some() => {
+            eprintln!("codefleet-agent: {e:#}");
+            ExitCode::from(64)
+        }
         Err(e) => {
             eprintln!("codefleet-agent: {e:#}");
             ExitCode::from(1)

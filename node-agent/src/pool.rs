@@ -149,6 +149,32 @@ impl Pools {
         entries.get_mut(key)?.fresh.pop_front().map(|(sb, _)| sb)
     }
 
+    /// Whether a sandbox of `key` that never ran a job is ready.
+    pub fn has_fresh(&self, key: &PoolKey) -> bool {
+        let entries = self.entries.lock().expect("pool lock");
+        entries.get(key).is_some_and(|e| !e.fresh.is_empty())
+    }
+
+    /// Takes out every pooled sandbox whose supervisor is gone (for the caller to drop), so
+    /// that the refiller replaces them before a job is handed one.
+    pub fn take_dead(&self, alive: impl Fn(&mut Sandbox) -> bool) -> Vec<Sandbox> {
+        let mut entries = self.entries.lock().expect("pool lock");
+        let mut dead = Vec::new();
+        for entry in entries.values_mut() {
+            for queue in [&mut entry.fresh, &mut entry.recycled] {
+                let mut i = 0;
+                while i < queue.len() {
+                    if alive(&mut queue[i].0) {
+                        i += 1;
+                    } else if let Some((sb, _)) = queue.remove(i) {
+                        dead.push(sb);
+                    }
+                }
+            }
+        }
+        dead
+    }
+
     /// Sandboxes of `key` being reset right now (each will be back in a few milliseconds).
     pub fn resetting(&self, key: &PoolKey) -> u32 {
         let entries = self.entries.lock().expect("pool lock");

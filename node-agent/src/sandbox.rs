@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
@@ -28,6 +28,11 @@ pub enum SandboxError {
     Docker(#[from] DockerError),
     #[error("the sandbox's supervisor went away")]
     Lost,
+    /// The sandbox was found dead before the job reached it (its container removed or killed
+    /// behind the agent's back, or the engine restarted): the job did not start, and another
+    /// sandbox may run it.
+    #[error("the sandbox was dead before the job started: {0}")]
+    Dead(String),
     #[error("the sandbox did not answer within {0:?}")]
     Unresponsive(Duration),
     #[error("the sandbox could not run the job: {0}")]
@@ -36,6 +41,21 @@ pub enum SandboxError {
     Protocol(u32),
     #[error("the sandbox could not be reset: {0}")]
     Reset(String),
+}
+
+impl SandboxError {
+    /// What failed, as the `cause` label of `codefleet_internal_errors_total`.
+    pub fn cause(&self) -> &'static str {
+        match self {
+            SandboxError::Docker(_) => "docker",
+            SandboxError::Lost => "supervisor_lost",
+            SandboxError::Dead(_) => "sandbox_dead",
+            SandboxError::Unresponsive(_) => "supervisor_unresponsive",
+            SandboxError::Failed(_) => "sandbox_failed",
+            SandboxError::Protocol(_) => "protocol",
+            SandboxError::Reset(_) => "reset_failed",
+        }
+    }
 }
 
 /// Removes containers off the request path. Dropping a `Sandbox` queues its container here.
@@ -193,6 +213,23 @@ impl Sandbox {
         }
     }
 
+    /// Whether the supervisor is still there, without waiting: an idle supervisor sends nothing,
+    /// so a channel that has ended (or has bytes nobody asked for) means the container died or
+    /// was removed behind the agent's back.
+    pub fn alive(&mut self) -> bool {
+        if !matches!(self.owed, Owed::Nothing) {
+            return true; // busy with an abandoned command; `settle` judges it
+        }
+        match self.output.next().now_or_never() {
+            None => true,
+            Some(Some(Ok(chunk))) => {
+                tracing::debug!(container = %self.id, bytes = chunk.len(), "unasked-for bytes from an idle supervisor");
+                false
+            }
+            Some(_) => false,
+        }
+    }
+
     async fn send(&mut self, command: &Command) -> Result<(), SandboxError> {
         let mut line = serde_json::to_vec(command).expect("commands always serialize");
         line.push(b'\n');
@@ -243,15 +280,36 @@ impl Sandbox {
         within: Duration,
     ) -> Result<Vec<StageOutcome>, SandboxError> {
         self.settle().await?;
+        if !self.alive() {
+            return Err(SandboxError::Dead("its channel had ended".to_string()));
+        }
         let id = job.id.clone();
         self.jobs_run += 1;
-        self.send(&Command::Job(job)).await?;
+        match self.send(&Command::Job(job)).await {
+            Ok(()) => {}
+            Err(SandboxError::Lost) => {
+                return Err(SandboxError::Dead("the job could not be sent".to_string()))
+            }
+            Err(e) => return Err(e),
+        }
         self.owed = Owed::Answer {
             job: Some(id.clone()),
             by: Instant::now() + within,
         };
+        let mut accepted = false;
         loop {
-            match self.next_event(within).await? {
+            let event = match self.next_event(within).await {
+                Ok(event) => event,
+                // Gone before it said it took the job: the job did not start.
+                Err(SandboxError::Lost) if !accepted => {
+                    return Err(SandboxError::Dead(
+                        "it went away before taking the job".to_string(),
+                    ))
+                }
+                Err(e) => return Err(e),
+            };
+            match event {
+                Event::Accepted { id: got } if got == id => accepted = true,
                 Event::Result { id: got, stages } if got == id => {
                     self.owed = Owed::Nothing;
                     return Ok(stages);

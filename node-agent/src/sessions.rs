@@ -178,7 +178,7 @@ mod ops {
     };
 
     use super::{rfc3339, Session};
-    use crate::agent::{internal_error, job_deadline, new_id, respond, Agent};
+    use crate::agent::{job_deadline, new_id, respond, Agent};
 
     impl Agent {
         pub async fn create_session(
@@ -259,6 +259,7 @@ mod ops {
             id: &str,
             req: ExecuteRequest,
             received: Instant,
+            wait: Option<Duration>,
         ) -> Result<ExecuteResponse, Problem> {
             let session = self.sessions.get(id).ok_or_else(|| not_found(id))?;
             let prepared = self.prepare(&req, Some((&session.language, &session.version)))?;
@@ -271,7 +272,7 @@ mod ops {
                     ),
                 ));
             }
-            let slot = self.take_slot().await?;
+            let slot = self.take_slot(wait).await?;
             let queued = received.elapsed();
             let mut guard = session.sandbox.lock().await;
             let Some(sandbox) = guard.as_mut() else {
@@ -293,9 +294,12 @@ mod ops {
                 ),
                 Err(e) => {
                     // The session's sandbox is gone; so is the session.
-                    guard.take();
+                    let sandbox = guard.take().expect("checked above");
                     self.sessions.remove(id);
-                    internal_error(self, job_id, &prepared, (received, queued), &e.to_string())
+                    metrics::gauge!("codefleet_sessions").set(self.sessions.len() as f64);
+                    let timing = (received, queued);
+                    self.sandbox_failed(sandbox, job_id, &prepared, timing, &e)
+                        .await
                 }
             })
         }

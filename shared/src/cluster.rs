@@ -8,6 +8,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::ImageState;
 
+/// Request header from a gateway to an agent: the most milliseconds the job may wait in the
+/// agent's queue for a slot (what is left of the gateway's own wait).
+pub const QUEUE_WAIT_HEADER: &str = "x-codefleet-queue-wait-ms";
+
 /// What one language looks like on one node.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct LanguageCapacity {
@@ -35,9 +39,17 @@ pub struct CapacityReport {
     #[serde(default)]
     pub queued: u32,
     pub draining: bool,
+    /// False while the agent can run nothing new for a reason other than draining (its Docker
+    /// engine does not answer); gateways then treat the node as down.
+    #[serde(default = "yes")]
+    pub ready: bool,
     pub languages: BTreeMap<String, LanguageCapacity>,
     #[serde(default)]
     pub sessions: u32,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]

@@ -1046,6 +1046,7 @@ fn report_stub(gateway: String, stub: String) -> tokio::task::JoinHandle<()> {
         slots_total: 1_000_000,
         slots_busy: 0,
         queued: 0,
+        ready: true,
         draining: false,
         languages: BTreeMap::from([(
             "python".to_string(),
