@@ -201,6 +201,8 @@ pub struct AgentOpts {
     /// Pass `--enable` with `languages` (otherwise the whole catalog is served).
     pub enable_only_these: bool,
     pub args: Vec<String>,
+    /// Environment of an agent run as its own process (e.g. `DOCKER_HOST`).
+    pub env: Vec<(String, String)>,
 }
 
 impl AgentOpts {
@@ -209,7 +211,14 @@ impl AgentOpts {
             languages: languages.to_vec(),
             enable_only_these: true,
             args: vec!["--pool-min".into(), "1".into()],
+            env: Vec::new(),
         }
+    }
+
+    /// Sets an environment variable of the agent process.
+    pub fn env(mut self, name: &str, value: impl ToString) -> AgentOpts {
+        self.env.push((name.to_string(), value.to_string()));
+        self
     }
 
     /// Sets `flag` to `value`, replacing an earlier value of the same flag.
@@ -321,12 +330,23 @@ pub struct AgentProcess {
 
 impl AgentProcess {
     pub async fn spawn(node: &str, port: u16, opts: &AgentOpts) -> AgentProcess {
+        let agent = AgentProcess::launch(node, port, opts);
+        agent
+            .api
+            .wait_ready(&opts.languages, Duration::from_secs(600))
+            .await;
+        agent
+    }
+
+    /// Starts the process without waiting for it to be ready; its log goes to
+    /// [`AgentProcess::log_path`].
+    pub fn launch(node: &str, port: u16, opts: &AgentOpts) -> AgentProcess {
         let listen = format!("127.0.0.1:{port}");
         let argv = opts.argv(node, &listen);
-        let log = std::fs::File::create(std::env::temp_dir().join(format!("{node}.log")))
-            .expect("log file");
+        let log = std::fs::File::create(Self::log_path(node)).expect("log file");
         let child = Command::new(bin_path("codefleet-agent"))
             .args(&argv[1..])
+            .envs(opts.env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -334,13 +354,21 @@ impl AgentProcess {
             .expect("agent process starts");
         let mut api = Api::new(&format!("http://{listen}"));
         api.token = opts.value("--cluster-token").map(str::to_string);
-        api.wait_ready(&opts.languages, Duration::from_secs(600))
-            .await;
         AgentProcess {
             api,
             node: node.to_string(),
             child,
         }
+    }
+
+    /// Where the process started for `node` writes its log.
+    pub fn log_path(node: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("{node}.log"))
+    }
+
+    /// The resident memory of the process, bytes.
+    pub fn rss_bytes(&self) -> u64 {
+        rss_of(self.child.id())
     }
 
     pub fn signal(&self, signal: &str) {
@@ -403,6 +431,39 @@ pub async fn eventually(within: Duration, what: &str, mut cond: impl AsyncFnMut(
         }
         assert!(Instant::now() < deadline, "{what}: not within {within:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Resident memory of process `pid`, bytes (from `/proc/<pid>/status`).
+pub fn rss_of(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map_or(0, |kib| kib * 1024)
+}
+
+/// Keeps one core busy while it lives, as another tenant of the machine would.
+pub struct BusyCore {
+    child: Child,
+}
+
+impl BusyCore {
+    pub fn start() -> BusyCore {
+        let child = Command::new("sh")
+            .args(["-c", "while :; do :; done"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("sh runs");
+        BusyCore { child }
+    }
+}
+
+impl Drop for BusyCore {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

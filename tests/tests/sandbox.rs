@@ -10,15 +10,17 @@ fn run(r: &Value) -> &Value {
     &r["run"]
 }
 
-/// A small pool: consecutive `recycled` jobs share a container (recycled ones are preferred).
+/// A pool of one sandbox per language and memory limit: consecutive `recycled` jobs share its
+/// container, since a job waits for the one sandbox's reset when no never-used one is ready.
+/// Tests that need a particular sandbox arrange it this way, never by timing.
 async fn one_sandbox_agent(name: &str) -> TestAgent {
-    TestAgent::start(name, small_pool()).await
+    TestAgent::start(name, pool_of_one()).await
 }
 
-fn small_pool() -> AgentOpts {
+fn pool_of_one() -> AgentOpts {
     AgentOpts::languages(&["python", "cpp"])
         .arg("--pool-min", 1)
-        .arg("--pool-max", 2)
+        .arg("--pool-max", 1)
 }
 
 /// The job ran in a pool sandbox (reset after an earlier job, or never used), not a cold one.
@@ -208,18 +210,19 @@ async fn abuse_is_contained_and_answered_with_the_right_status() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_of_one_job_is_visible_to_the_next_in_the_same_sandbox() {
-    isolation_between_jobs(TestAgent::start("isolation", small_pool()).await).await;
+    isolation_between_jobs(TestAgent::start("isolation", pool_of_one()).await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_attach_stream_channel_isolates_jobs_the_same_way() {
-    let opts = small_pool().arg("--channel", "attach");
+    let opts = pool_of_one().arg("--channel", "attach");
     isolation_between_jobs(TestAgent::start("isolation-attach", opts).await).await;
 }
 
 async fn isolation_between_jobs(agent: TestAgent) {
     let api = &agent.api;
-    // Make sure the pool's one sandbox is warm.
+    // The pool's one sandbox is ready, and the first job takes it.
+    wait_warm(&agent, "python", 1).await;
     let first = api
         .python("print(open('/etc/hostname').read().strip())")
         .await;
