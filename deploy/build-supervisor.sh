@@ -3,6 +3,6 @@
 # target/x86_64-unknown-linux-gnu/release/codefleet-supervisor, where the agent looks for it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-RUSTFLAGS="-C target-feature=+crt-static" cargo build --quiet --release \
+RUSTFLAGS="-C target-feature=+crt-static" cargo build --release \
   -p codefleet-supervisor --target x86_64-unknown-linux-gnu
 echo "supervisor: $(pwd)/target/x86_64-unknown-linux-gnu/release/codefleet-supervisor"

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 docker info >/dev/null 2>&1 || { echo "Docker is not reachable; start it first (.ci/run does)" >&2; exit 1; }
 deploy/images/bootstrap-base.sh
 deploy/build-supervisor.sh
-cargo build --quiet --workspace --bins
+cargo build --workspace --bins
 echo "language images:"
 # One retry: a build that fetches Debian packages can meet a passing network error.
 target/debug/codefleet-agent --prepare-only || target/debug/codefleet-agent --prepare-only

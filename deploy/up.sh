@@ -10,5 +10,9 @@ cd "$(dirname "$0")/.."
 docker info >/dev/null 2>&1 || { echo "Docker is not reachable; start the Docker engine first" >&2; exit 1; }
 deploy/images/bootstrap-base.sh
 deploy/build-supervisor.sh
-cargo build --quiet --release -p codefleet-gateway
-exec target/release/codefleet-gateway --dev --dev-node-id local --listen 127.0.0.1:8080 "$@"
+cargo build --release -p codefleet-gateway
+# The listen address defaults to 127.0.0.1:8080; `--listen ADDR` here (or CODEFLEET_LISTEN)
+# replaces it. The local agent's node id is `local`: a second instance on this machine refuses
+# to start (exit 64) rather than take over the first one's sandboxes.
+export CODEFLEET_LISTEN=${CODEFLEET_LISTEN:-127.0.0.1:8080}
+exec target/release/codefleet-gateway --dev --dev-node-id local "$@"
