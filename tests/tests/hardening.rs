@@ -458,18 +458,24 @@ async fn a_node_id_has_one_live_agent_and_a_dead_ones_id_is_taken_over() {
     remove_containers_of(&node);
 }
 
-/// A `--dev` gateway run as its own process, serving Python only.
+/// A `--dev` gateway run as its own process, serving Python only. Dropping it kills it and
+/// removes its agent's containers, even when the test failed half-way.
 struct DevGateway {
     child: std::process::Child,
     api: Api,
+    /// The node id its agent should have.
+    node: String,
 }
 
 impl DevGateway {
-    fn launch(port: u16, extra: &[&str]) -> DevGateway {
+    fn launch(port: u16, node_id: Option<&str>) -> DevGateway {
         let log = std::env::temp_dir().join(format!("t{}-dev-{port}.log", std::process::id()));
-        let child = std::process::Command::new(bin_path("codefleet-gateway"))
-            .args(["--dev", "--listen", &format!("127.0.0.1:{port}")])
-            .args(extra)
+        let mut command = std::process::Command::new(bin_path("codefleet-gateway"));
+        command.args(["--dev", "--listen", &format!("127.0.0.1:{port}")]);
+        if let Some(node) = node_id {
+            command.args(["--dev-node-id", node]);
+        }
+        let child = command
             .env("CODEFLEET_ENABLE", "python")
             .env("CODEFLEET_POOL_MIN", "1")
             .env("RUST_LOG", "info")
@@ -480,10 +486,12 @@ impl DevGateway {
         DevGateway {
             child,
             api: Api::new(&format!("http://127.0.0.1:{port}")),
+            node: node_id.map_or_else(|| derived_dev_node_id(port), str::to_string),
         }
     }
 
-    async fn node(&self) -> String {
+    /// The node id the gateway reports for its agent.
+    async fn reported_node(&self) -> String {
         let nodes = self.api.get("/v1/nodes").await.body;
         nodes[0]["id"].as_str().unwrap_or_default().to_string()
     }
@@ -497,9 +505,33 @@ impl DevGateway {
         while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+}
+
+impl Drop for DevGateway {
+    fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        remove_containers_of(&self.node);
     }
+}
+
+/// `dev-<host name>-<port>`, the `--dev` agent's node id when none is given.
+fn derived_dev_node_id(port: u16) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host: String = host
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(40)
+        .collect();
+    format!("dev-{host}-{port}")
 }
 
 /// Item 6: two `--dev` gateways on one machine get node ids of their own (derived from the host
@@ -507,13 +539,12 @@ impl DevGateway {
 /// `--dev` whose node id is held answers exit 64.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_dev_gateways_on_one_machine_do_not_share_a_node_id() {
-    let first = DevGateway::launch(free_port(), &[]);
+    let first = DevGateway::launch(free_port(), None);
     first
         .api
         .wait_ready(&["python"], Duration::from_secs(300))
         .await;
-    let first_node = first.node().await;
-    assert!(first_node.starts_with("dev-"), "{first_node}");
+    assert_eq!(first.reported_node().await, first.node);
     eventually(Duration::from_secs(60), "first pool warm", async || {
         let nodes = first.api.get("/v1/nodes").await.body;
         nodes[0]["languages"]["python"]["warm"]
@@ -522,18 +553,18 @@ async fn two_dev_gateways_on_one_machine_do_not_share_a_node_id() {
             >= 1
     })
     .await;
-    let before = containers_of(&first_node);
+    let before = containers_of(&first.node);
 
-    let second = DevGateway::launch(free_port(), &[]);
+    let second = DevGateway::launch(free_port(), None);
     second
         .api
         .wait_ready(&["python"], Duration::from_secs(300))
         .await;
-    let second_node = second.node().await;
-    assert_ne!(first_node, second_node);
+    assert_eq!(second.reported_node().await, second.node);
+    assert_ne!(first.node, second.node);
     for id in &before {
         assert!(
-            containers_of(&first_node).contains(id),
+            containers_of(&first.node).contains(id),
             "the first one's sandbox {id} survived"
         );
     }
@@ -544,7 +575,7 @@ async fn two_dev_gateways_on_one_machine_do_not_share_a_node_id() {
         "{r}"
     );
 
-    let mut clash = DevGateway::launch(free_port(), &["--dev-node-id", &first_node]);
+    let mut clash = DevGateway::launch(free_port(), Some(&first.node));
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
         if let Ok(Some(status)) = clash.child.try_wait() {
@@ -557,14 +588,14 @@ async fn two_dev_gateways_on_one_machine_do_not_share_a_node_id() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(status.code(), Some(64), "{status:?}");
+    // It must not take the first one's sandboxes with it when it goes.
+    clash.node = format!("{}-never-started", first.node);
+    drop(clash);
     let r = first.api.python("print('still first')").await;
     assert_eq!(stdout(&r), "still first\n", "{r}");
 
     first.stop().await;
     second.stop().await;
-    for node in [first_node, second_node] {
-        remove_containers_of(&node);
-    }
 }
 
 /// Item 7: 20 concurrent jobs of three languages on an agent with its default 8 slots and
