@@ -463,8 +463,9 @@ async fn a_node_id_has_one_live_agent_and_a_dead_ones_id_is_taken_over() {
 struct DevGateway {
     child: std::process::Child,
     api: Api,
-    /// The node id its agent should have.
-    node: String,
+    port: u16,
+    /// The node id given with `--dev-node-id`, if any.
+    given: Option<String>,
 }
 
 impl DevGateway {
@@ -486,14 +487,20 @@ impl DevGateway {
         DevGateway {
             child,
             api: Api::new(&format!("http://127.0.0.1:{port}")),
-            node: node_id.map_or_else(|| derived_dev_node_id(port), str::to_string),
+            port,
+            given: node_id.map(str::to_string),
         }
     }
 
     /// The node id the gateway reports for its agent.
-    async fn reported_node(&self) -> String {
+    async fn node(&self) -> String {
         let nodes = self.api.get("/v1/nodes").await.body;
         nodes[0]["id"].as_str().unwrap_or_default().to_string()
+    }
+
+    /// Whether `node` is the id a `--dev` on this gateway's port derives: `dev-<host>-<port>`.
+    fn derived(&self, node: &str) -> bool {
+        node.starts_with("dev-") && node.ends_with(&format!("-{}", self.port))
     }
 
     /// SIGTERM, then wait for it to drain and remove its containers.
@@ -512,26 +519,19 @@ impl Drop for DevGateway {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        remove_containers_of(&self.node);
+        if self.given.is_some() {
+            return; // a borrowed node id: its owner cleans up
+        }
+        let out = std::process::Command::new("docker")
+            .args(["ps", "-a", "--filter", "label=codefleet.node"])
+            .args(["--format", "{{.Label \"codefleet.node\"}}"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        for node in out.lines().filter(|n| self.derived(n)) {
+            remove_containers_of(node);
+        }
     }
-}
-
-/// `dev-<host name>-<port>`, the `--dev` agent's node id when none is given.
-fn derived_dev_node_id(port: u16) -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let host: String = host
-        .trim()
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' {
-                c
-            } else {
-                '-'
-            }
-        })
-        .take(40)
-        .collect();
-    format!("dev-{host}-{port}")
 }
 
 /// Item 6: two `--dev` gateways on one machine get node ids of their own (derived from the host
@@ -544,7 +544,8 @@ async fn two_dev_gateways_on_one_machine_do_not_share_a_node_id() {
         .api
         .wait_ready(&["python"], Duration::from_secs(300))
         .await;
-    assert_eq!(first.reported_node().await, first.node);
+    let first_node = first.node().await;
+    assert!(first.derived(&first_node), "{first_node}");
     eventually(Duration::from_secs(60), "first pool warm", async || {
         let nodes = first.api.get("/v1/nodes").await.body;
         nodes[0]["languages"]["python"]["warm"]
@@ -553,18 +554,19 @@ async fn two_dev_gateways_on_one_machine_do_not_share_a_node_id() {
             >= 1
     })
     .await;
-    let before = containers_of(&first.node);
+    let before = containers_of(&first_node);
 
     let second = DevGateway::launch(free_port(), None);
     second
         .api
         .wait_ready(&["python"], Duration::from_secs(300))
         .await;
-    assert_eq!(second.reported_node().await, second.node);
-    assert_ne!(first.node, second.node);
+    let second_node = second.node().await;
+    assert!(second.derived(&second_node), "{second_node}");
+    assert_ne!(first_node, second_node);
     for id in &before {
         assert!(
-            containers_of(&first.node).contains(id),
+            containers_of(&first_node).contains(id),
             "the first one's sandbox {id} survived"
         );
     }
@@ -575,7 +577,7 @@ async fn two_dev_gateways_on_one_machine_do_not_share_a_node_id() {
         "{r}"
     );
 
-    let mut clash = DevGateway::launch(free_port(), Some(&first.node));
+    let mut clash = DevGateway::launch(free_port(), Some(&first_node));
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
         if let Ok(Some(status)) = clash.child.try_wait() {
@@ -588,8 +590,6 @@ async fn two_dev_gateways_on_one_machine_do_not_share_a_node_id() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(status.code(), Some(64), "{status:?}");
-    // It must not take the first one's sandboxes with it when it goes.
-    clash.node = format!("{}-never-started", first.node);
     drop(clash);
     let r = first.api.python("print('still first')").await;
     assert_eq!(stdout(&r), "still first\n", "{r}");
