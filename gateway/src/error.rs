@@ -1,4 +1,4 @@
-//! The gateway's errors, and the one place they become HTTP answers (problem+json, api.md).
+//! The gateway's errors, and the one place they become HTTP answers (problem+json, docs/api.md).
 
 use std::time::Duration;
 

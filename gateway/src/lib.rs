@@ -1,4 +1,4 @@
-//! codefleet's gateway: the public API of `api.md`, spreading jobs over node agents with
+//! codefleet's gateway: the public API of `docs/api.md`, spreading jobs over node agents with
 //! bounded-load consistent hashing on the language.
 //!
 //! - `config`: flags and `CODEFLEET_*` variables.

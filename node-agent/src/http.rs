@@ -1,5 +1,5 @@
 //! The agent's HTTP API: decode and validate at the edge, call the agent, answer JSON or
-//! problem+json. Routes: api.md's execute, languages and sessions, plus `/v1/capacity`,
+//! problem+json. Routes: docs/api.md's execute, languages and sessions, plus `/v1/capacity`,
 //! `/v1/drain`, `/healthz`, `/readyz` and `/metrics`.
 
 use std::sync::atomic::Ordering;

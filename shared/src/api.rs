@@ -1,4 +1,4 @@
-//! The public request and response bodies of `../shared/api.md` (v1). Field names are fixed by
+//! The public request and response bodies of `docs/api.md` (v1). Field names are fixed by
 //! that contract; new fields may be added, none renamed.
 
 use serde::{Deserialize, Serialize};

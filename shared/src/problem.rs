@@ -1,5 +1,5 @@
 //! RFC 9457 problem details: every non-2xx answer of the API, with the closed set of codes from
-//! api.md. Each code knows its HTTP status, its title and whether the caller may retry later.
+//! docs/api.md. Each code knows its HTTP status, its title and whether the caller may retry later.
 
 use serde::{Deserialize, Serialize};
 

@@ -1,4 +1,4 @@
-//! The input rules of api.md that need no catalog: file names and contents, the source/files
+//! The input rules of docs/api.md that need no catalog: file names and contents, the source/files
 //! choice, and limits against a configured maximum. Pure functions, shared by gateway and agent so
 //! both reject the same requests before anything runs.
 
