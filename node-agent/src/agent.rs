@@ -12,6 +12,7 @@ use tokio::sync::{Notify, Semaphore};
 use codefleet_shared::cluster::{CapacityReport, LanguageCapacity};
 use codefleet_shared::sandbox::{Job, SandboxFile, Stage, StageOutcome};
 use codefleet_shared::validate::{check_args, job_files, resolve_limits, JobFile};
+use codefleet_shared::version::version_matches;
 use codefleet_shared::{
     ErrorCode, ExecuteRequest, ExecuteResponse, ImageState, Isolation, LanguageInfo, LanguageRef,
     Problem, ResolvedLimits, StageResult, Status, Timing,
@@ -216,13 +217,12 @@ impl Agent {
         })?;
         match self.image_status(&lang.name) {
             ImageStatus::Ready { tag, version: v } => {
-                if let Some(asked) = version.filter(|v| !v.is_empty()) {
-                    if !v.starts_with(asked) {
-                        return Err(Problem::new(
-                            ErrorCode::UnknownLanguage,
-                            format!("no version {asked:?} of {}; available: {v}", lang.name),
-                        ));
-                    }
+                if !version_matches(version, &v) {
+                    let asked = version.unwrap_or_default();
+                    return Err(Problem::new(
+                        ErrorCode::UnknownLanguage,
+                        format!("no version {asked:?} of {}; available: {v}", lang.name),
+                    ));
                 }
                 Ok((lang.clone(), v, tag))
             }
@@ -369,6 +369,9 @@ impl Agent {
             file_size_bytes: max.file_size_bytes,
             open_files: OPEN_FILES,
             channel: None,
+            // Both streams at the most output a job may keep, each byte escaped as `\uXXXX` at
+            // worst, and room for the rest of the result.
+            max_answer_bytes: 12 * max.output_bytes as usize + (1 << 20),
         }
     }
 

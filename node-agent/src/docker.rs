@@ -76,6 +76,9 @@ pub struct SandboxSpec {
     /// Host directory holding the agent's socket for this sandbox (mounted at
     /// `/run/codefleet`); `None` for the attach stream.
     pub channel: Option<String>,
+    /// The longest answer line the agent accepts from this sandbox's supervisor (not Docker's
+    /// business; carried here with the rest of what is decided per sandbox).
+    pub max_answer_bytes: usize,
 }
 
 /// The byte streams of an attached container: what it writes, and its stdin.

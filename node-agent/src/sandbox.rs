@@ -99,6 +99,8 @@ pub struct Sandbox {
     output: Output,
     /// Bytes read but not yet decoded.
     lines: Lines,
+    /// The longest line accepted from the supervisor.
+    max_line: usize,
     /// What the supervisor still owes after a caller went away in the middle of a command (a
     /// cancelled request; a session's sandbox outlives it).
     owed: Owed,
@@ -181,6 +183,7 @@ impl Sandbox {
             input: Box::pin(tokio::io::sink()),
             output: Box::pin(futures_util::stream::empty()),
             lines: Lines::default(),
+            max_line: spec.max_answer_bytes,
             owed: Owed::Nothing,
             reaper: reaper.clone(),
             channel_dir,
@@ -265,6 +268,12 @@ impl Sandbox {
                     Ok(event) => return Some(event),
                     Err(e) => tracing::warn!(error = %e, "unreadable line from a supervisor"),
                 }
+            }
+            // No answer is this long (see `SandboxSpec::max_answer_bytes`): the channel is
+            // broken; treat it as gone rather than buffer without end.
+            if self.lines.pending.len() > self.max_line {
+                tracing::error!(container = %self.id, bytes = self.lines.pending.len(), "a supervisor line without end; discarding the sandbox");
+                return None;
             }
             match self.output.next().await {
                 Some(Ok(chunk)) => self.lines.push(&chunk),
@@ -455,7 +464,54 @@ fn reader_stream(
 
 #[cfg(test)]
 mod tests {
-    use super::Lines;
+    use super::*;
+
+    /// A sandbox around `output`, owning no container (the reaper is never started).
+    fn on_output(chunks: Vec<&'static [u8]>, max_line: usize) -> Sandbox {
+        let (tx, _) = mpsc::unbounded_channel();
+        let items = chunks.into_iter().map(|c| Ok(bytes::Bytes::from_static(c)));
+        Sandbox {
+            id: "test".into(),
+            uid: 1,
+            jobs_run: 0,
+            input: Box::pin(tokio::io::sink()),
+            output: Box::pin(futures_util::stream::iter(items).fuse()),
+            lines: Lines::default(),
+            max_line,
+            owed: Owed::Nothing,
+            reaper: Reaper { tx },
+            channel_dir: None,
+        }
+    }
+
+    /// A supervisor that sends a line without end is taken as gone once the line passes the
+    /// cap, instead of growing the agent's buffer; lines within it are read.
+    #[tokio::test]
+    async fn a_line_without_end_is_cut_off_at_the_cap() {
+        let mut sandbox = on_output(
+            vec![b"{\"type\":\"pong\"}\n", &[b'x'; 4096], &[b'x'; 4096]],
+            5000,
+        );
+        // The channel stays open after those bytes, as a misbehaving supervisor's would.
+        let chunks =
+            std::mem::replace(&mut sandbox.output, Box::pin(futures_util::stream::empty()));
+        sandbox.output = Box::pin(chunks.chain(futures_util::stream::pending()));
+        assert_eq!(sandbox.read_event().await, Some(Event::Pong));
+        let cut = tokio::time::timeout(Duration::from_secs(5), sandbox.read_event()).await;
+        assert_eq!(cut.ok(), Some(None), "cut off past 5000 bytes");
+    }
+
+    /// An idle sandbox whose channel ended is not alive; one whose channel is open is.
+    #[tokio::test]
+    async fn alive_tells_an_ended_channel() {
+        let mut ended = on_output(vec![], 1 << 20);
+        assert!(!ended.alive());
+        let mut open = on_output(vec![], 1 << 20);
+        open.output = Box::pin(futures_util::stream::pending());
+        assert!(open.alive());
+        let mut chatty = on_output(vec![b"{}\n"], 1 << 20);
+        assert!(!chatty.alive(), "bytes nobody asked for");
+    }
 
     /// Lines come out whole and in order wherever the chunks split them, several per chunk or
     /// one over many chunks.
