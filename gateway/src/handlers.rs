@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use codefleet_shared::cluster::{CapacityReport, NodeState};
+use codefleet_shared::ids::SessionId;
 use codefleet_shared::validate::{check_args, job_files, resolve_limits};
 use codefleet_shared::{
     CreateSession, ErrorCode, ExecuteRequest, ExecuteResponse, LanguageInfo, Limits, Problem,
@@ -21,11 +22,11 @@ use serde_json::json;
 use crate::dispatch::{call_bound, job_timeout, place, Job, Placed};
 use crate::edge::{self, JsonBody};
 use crate::error::{problem_response, GatewayError};
-use crate::membership::{valid_node_id, NodeHandle, Snapshot};
+use crate::membership::{NodeHandle, Snapshot};
 use crate::metrics::{self, LanguageLabel};
 use crate::Gateway;
 
-/// The OpenAPI description of api.md, checked in beside the crate.
+/// The OpenAPI description of docs/api.md, checked in beside the crate.
 pub const OPENAPI: &str = include_str!("../openapi.json");
 
 /// The gateway's routes. Tests call it with `tower::ServiceExt::oneshot`.
@@ -194,17 +195,11 @@ async fn run_create_session(
 const FIXED_LANGUAGE: &str =
     "a session's language is fixed when it is created; leave out `language` and `version`";
 
-/// The node holding a session: agents make ids `se_<hex>.<node id>`.
+/// The node holding a session: agents make ids `se_<hex>.<node id>` (`SessionId`).
 fn session_node(gw: &Gateway, id: &str) -> Result<Arc<NodeHandle>, GatewayError> {
     let unknown = || GatewayError::NotFound(format!("no session {id:?}"));
-    let (prefix, node) = id.split_once('.').ok_or_else(unknown)?;
-    let prefix_ok = prefix.starts_with("se_")
-        && prefix
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_');
-    if !prefix_ok || !valid_node_id(node) {
-        return Err(unknown());
-    }
+    let session = SessionId::parse(id).map_err(|_| unknown())?;
+    let node = session.node.as_str();
     let (handle, state) = gw.node(node).ok_or_else(unknown)?;
     if state == NodeState::Down {
         return Err(GatewayError::NodeLost {

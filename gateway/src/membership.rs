@@ -2,7 +2,6 @@
 //! or down (time passed in); plus the snapshot built from it that requests read: the routing
 //! table and the merged language catalog.
 
-use std::cmp::Ordering as CmpOrdering;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -11,19 +10,13 @@ use std::time::{Duration, Instant};
 use codefleet_shared::cluster::{
     CapacityReport, LanguageCapacity, NodeInfo, NodeLanguage, NodeState,
 };
+use codefleet_shared::ids::{self, NODE_ID_RULE};
+use codefleet_shared::version::{compare_versions, version_matches};
 use codefleet_shared::{ImageState, LanguageInfo};
 use tokio::sync::{watch, Notify};
 
 use crate::error::GatewayError;
-use crate::routing::{version_matches, NodeEntry, NodeId, RoutingTable};
-
-/// True for ids of 1–64 `[A-Za-z0-9_-]`, the agents' rule.
-pub fn valid_node_id(id: &str) -> bool {
-    (1..=64).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-}
+use crate::routing::{NodeEntry, NodeId, RoutingTable};
 
 /// A node as requests see it: where it is, and its live load.
 ///
@@ -183,9 +176,9 @@ impl Membership {
         mut report: CapacityReport,
         now: Instant,
     ) -> Result<bool, GatewayError> {
-        if !valid_node_id(&report.node_id) {
+        if ids::NodeId::parse(&report.node_id).is_err() {
             return Err(GatewayError::invalid(format!(
-                "node_id {:?} is not 1-64 of A-Z a-z 0-9 _ -",
+                "node_id {:?} is not {NODE_ID_RULE}",
                 report.node_id
             )));
         }
@@ -421,28 +414,6 @@ impl Membership {
     }
 }
 
-/// Orders `3.9` before `3.11`: dot-separated parts compared as numbers where both are numbers.
-fn compare_versions(a: &str, b: &str) -> CmpOrdering {
-    let mut left = a.split('.');
-    let mut right = b.split('.');
-    loop {
-        match (left.next(), right.next()) {
-            (None, None) => return CmpOrdering::Equal,
-            (None, Some(_)) => return CmpOrdering::Less,
-            (Some(_), None) => return CmpOrdering::Greater,
-            (Some(x), Some(y)) => {
-                let order = match (x.parse::<u64>(), y.parse::<u64>()) {
-                    (Ok(x), Ok(y)) => x.cmp(&y),
-                    _ => x.cmp(y),
-                };
-                if order.is_ne() {
-                    return order;
-                }
-            }
-        }
-    }
-}
-
 /// What requests read, published as one immutable value and swapped whole.
 pub struct Snapshot {
     pub table: RoutingTable<Arc<NodeHandle>>,
@@ -497,7 +468,7 @@ impl Catalog {
             .find(|(info, _)| &info.name == name)
             .expect("every alias names a language");
         match version {
-            Some(v) if !versions.iter().any(|have| version_matches(v, have)) => Err(unknown(
+            Some(v) if !versions.iter().any(|have| version_matches(Some(v), have)) => Err(unknown(
                 format!("no version {v:?} of {name}; known: {}", versions.join(", ")),
             )),
             _ => Ok(info),
@@ -688,12 +659,5 @@ mod tests {
         }
         assert_eq!(snapshot.ready_nodes, 2);
         assert_eq!(snapshot.table.nodes().len(), 2);
-    }
-
-    #[test]
-    fn versions_compare_numerically() {
-        assert!(compare_versions("3.11.2", "3.9").is_gt());
-        assert!(compare_versions("17.0.2", "17").is_gt());
-        assert!(compare_versions("", "1").is_lt());
     }
 }

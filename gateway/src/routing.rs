@@ -13,9 +13,11 @@ use std::fmt;
 use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::sync::Arc;
 
+use codefleet_shared::version::version_matches;
 use consistent_hash_ring::{Ring, RingBuilder};
 
-/// A node's id. Hashes as its bytes and nothing else, so every gateway builds the same ring.
+/// A node's id as a ring key (checked by `codefleet_shared::ids::NodeId` where it comes in).
+/// Hashes as its bytes and nothing else, so every gateway builds the same ring.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct NodeId(Arc<str>);
 
@@ -223,7 +225,7 @@ impl<L> RoutingTable<L> {
                     entry
                         .languages
                         .get(want.language)
-                        .is_some_and(|have| version_matches(v, have))
+                        .is_some_and(|have| version_matches(Some(v), have))
                 })
         };
         let (mut count, mut total) = (0u64, 0u64);
@@ -256,13 +258,6 @@ impl<L> RoutingTable<L> {
         }
         fallback.map_or(Decision::Saturated, |(_, entry)| Decision::Node(entry))
     }
-}
-
-/// True when `have` is `want` or starts with `want` followed by a dot: `"3"` and `"3.11"` match
-/// `"3.11.2"`, `"3.1"` does not.
-pub fn version_matches(want: &str, have: &str) -> bool {
-    have.strip_prefix(want)
-        .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
 }
 
 #[cfg(test)]
@@ -506,21 +501,6 @@ mod tests {
             assert!((sum - 1.0).abs() < 1e-9);
             let max = shares.values().cloned().fold(0.0, f64::max);
             assert!(max * n as f64 <= 1.5, "n={n}: max share {max}");
-        }
-    }
-
-    #[test]
-    fn version_prefix_on_dot_boundaries() {
-        let table: &[(&str, &str, bool)] = &[
-            ("3", "3.11.2", true),
-            ("3.11", "3.11.2", true),
-            ("3.11.2", "3.11.2", true),
-            ("3.1", "3.11.2", false),
-            ("2", "3.11.2", false),
-            ("", "3.11.2", false),
-        ];
-        for (want, have, ok) in table {
-            assert_eq!(version_matches(want, have), *ok, "{want} vs {have}");
         }
     }
 }

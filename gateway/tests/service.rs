@@ -579,6 +579,11 @@ async fn input_is_checked_before_any_node_sees_it() {
             json!({"language": "python", "version": "2", "source": "x"}),
             "unknown_language",
         ),
+        // Versions match on dot boundaries: "3.1" is no version of the agents' 3.11.2.
+        (
+            json!({"language": "python", "version": "3.1", "source": "x"}),
+            "unknown_language",
+        ),
     ];
     for (body, code) in cases {
         let answer = post(&app, "/v1/execute", None, body.clone()).await;

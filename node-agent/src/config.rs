@@ -166,16 +166,9 @@ pub enum ChannelKind {
     Attach,
 }
 
-fn parse_node_id(s: &str) -> Result<String, String> {
-    let ok = !s.is_empty()
-        && s.len() <= 64
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-    if ok {
-        Ok(s.to_string())
-    } else {
-        Err("a node id is 1-64 of A-Z a-z 0-9 _ -".to_string())
-    }
+/// The rule is `shared`'s, the same one gateways apply to reports and session ids.
+fn parse_node_id(s: &str) -> Result<String, codefleet_shared::ids::IdError> {
+    codefleet_shared::ids::NodeId::parse(s).map(|id| id.as_str().to_string())
 }
 
 impl Config {

@@ -171,6 +171,7 @@ mod ops {
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
+    use codefleet_shared::ids::{NodeId, SessionId};
     use codefleet_shared::validate::resolve_limits;
     use codefleet_shared::{
         CreateSession, ErrorCode, ExecuteRequest, ExecuteResponse, LanguageRef, Problem,
@@ -178,7 +179,7 @@ mod ops {
     };
 
     use super::{rfc3339, Session};
-    use crate::agent::{job_deadline, new_id, respond, Agent};
+    use crate::agent::{job_deadline, respond, Agent};
 
     impl Agent {
         pub async fn create_session(
@@ -226,7 +227,9 @@ mod ops {
                     format!("could not start the session's sandbox: {e}"),
                 )
             })?;
-            let id = format!("{}.{}", new_id("se"), self.node());
+            let node = NodeId::parse(self.node())
+                .map_err(|e| Problem::new(ErrorCode::Internal, format!("this node's id: {e}")))?;
+            let id = SessionId::new(node, rand::random()).to_string();
             let session = Arc::new(Session::new(
                 id.clone(),
                 language,

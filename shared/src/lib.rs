@@ -1,7 +1,8 @@
 //! Wire types spoken by codefleet: the public HTTP contract (`api`), its errors (`problem`), the
 //! input rules both the gateway and the agents enforce (`validate`), the cluster messages between
 //! gateway and agents (`cluster`) and the framed protocol between an agent and the supervisor
-//! inside each sandbox (`sandbox`).
+//! inside each sandbox (`sandbox`); plus the rules both sides share for node and session ids
+//! (`ids`), language versions (`version`) and bearer tokens (`auth`).
 //!
 //! This crate has no async, HTTP or Docker dependencies: it is plain data and pure functions.
 #![forbid(unsafe_code)]
@@ -9,9 +10,11 @@
 pub mod api;
 pub mod auth;
 pub mod cluster;
+pub mod ids;
 pub mod problem;
 pub mod sandbox;
 pub mod validate;
+pub mod version;
 
 pub use api::*;
 pub use problem::{ErrorCode, Problem};

@@ -136,6 +136,22 @@ async fn bad_input_gets_a_clear_problem_and_runs_nothing() {
             "{what}: a detail says why"
         );
     }
+    // A version is a prefix on dot boundaries: for python 3.11.2, "3.1" names no version (the
+    // agent once matched it as a string prefix), while "3" does (run at the end).
+    let version = python_version(api).await;
+    let off_boundary = off_boundary_prefix(&version)
+        .unwrap_or_else(|| panic!("python {version} has no component of two digits or more"));
+    let a = api
+        .post(
+            "/v1/execute",
+            &json!({"language": "python", "version": off_boundary, "source": "print(1)"}),
+        )
+        .await;
+    assert_eq!(
+        (a.status.as_u16(), a.code()),
+        (400, "unknown_language"),
+        "version {off_boundary:?} of python {version}: {a:?}"
+    );
     let max = api
         .post(
             "/v1/execute",
@@ -235,5 +251,36 @@ async fn bad_input_gets_a_clear_problem_and_runs_nothing() {
     let r = api.python("print('valid still runs')").await;
     assert_eq!(r["run"]["stdout"], "valid still runs\n");
     assert_eq!(executions(api).await, before + 1);
+    let major = version.split('.').next().unwrap_or_default();
+    let r = api
+        .execute(json!({"language": "python", "version": major, "source": "print('major')"}))
+        .await;
+    assert_eq!(
+        r["run"]["stdout"], "major\n",
+        "version {major:?} of {version}"
+    );
     agent.stop().await;
+}
+
+/// The version of python the agent runs, from its `/v1/languages`.
+async fn python_version(api: &Api) -> String {
+    let languages = api.get("/v1/languages").await;
+    let python = languages
+        .body
+        .as_array()
+        .and_then(|all| all.iter().find(|l| l["name"] == "python"))
+        .unwrap_or_else(|| panic!("no python in {languages:?}"));
+    python["version"].as_str().unwrap_or_default().to_string()
+}
+
+/// A prefix of `version` that ends inside a component (`3.11.2` → `3.1`).
+fn off_boundary_prefix(version: &str) -> Option<&str> {
+    let mut start = 0;
+    for component in version.split('.') {
+        if component.len() >= 2 {
+            return Some(&version[..start + 1]);
+        }
+        start += component.len() + 1;
+    }
+    None
 }
