@@ -2,6 +2,8 @@
 //! <token>` (scheme case-insensitive, RFC 7235) and comparing secrets in time that depends
 //! only on their lengths.
 
+use subtle::ConstantTimeEq;
+
 /// The token of an `Authorization` header value, when it is a non-empty bearer token.
 pub fn bearer_token(value: &str) -> Option<&str> {
     let (scheme, token) = value.split_once(' ')?;
@@ -11,13 +13,10 @@ pub fn bearer_token(value: &str) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
-/// Whether two secrets are equal, in time that depends only on their lengths.
+/// Whether two secrets are equal, in time that depends only on their lengths (`subtle`'s
+/// constant-time comparison).
 pub fn secrets_equal(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0, |acc, (x, y)| acc | (x ^ y))
-            == 0
+    a.as_bytes().ct_eq(b.as_bytes()).into()
 }
 
 #[cfg(test)]
