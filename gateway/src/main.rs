@@ -1,12 +1,17 @@
 //! `codefleet-gateway`: reads the configuration, starts tracing, binds, and serves until SIGINT
 //! or SIGTERM. Exits 64 on a bad configuration.
+//!
+//! `--dev` (a node agent in this process) is the only use of the agent crate, behind the
+//! default-on `dev` feature; a gateway built without it answers `--dev` with exit 64.
 #![forbid(unsafe_code)]
 
 use std::process::ExitCode;
 
 use clap::Parser;
 use codefleet_gateway::Config;
+#[cfg(feature = "dev")]
 use codefleet_node_agent::lease::LeaseHeld;
+use codefleet_shared::ids::NodeId;
 use tracing_subscriber::EnvFilter;
 
 /// `EX_USAGE` from sysexits.h.
@@ -32,6 +37,17 @@ async fn main() -> ExitCode {
             return ExitCode::from(BAD_CONFIG);
         }
     };
+    if let Some(Err(error)) = config.dev_node_id.as_deref().map(NodeId::parse) {
+        eprintln!("codefleet-gateway: bad configuration: --dev-node-id: {error}");
+        return ExitCode::from(BAD_CONFIG);
+    }
+    if config.dev && !cfg!(feature = "dev") {
+        eprintln!(
+            "codefleet-gateway: --dev needs a gateway built with the `dev` feature \
+             (cargo build -p codefleet-gateway --features dev)"
+        );
+        return ExitCode::from(BAD_CONFIG);
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -42,6 +58,7 @@ async fn main() -> ExitCode {
     match run(config).await {
         Ok(()) => ExitCode::SUCCESS,
         // The `--dev` agent's node id is held by another live agent on this machine.
+        #[cfg(feature = "dev")]
         Err(error) if error.downcast_ref::<LeaseHeld>().is_some() => {
             eprintln!("codefleet-gateway: {error:#}");
             ExitCode::from(BAD_CONFIG)
@@ -62,12 +79,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
+    #[cfg(feature = "dev")]
     let dev_agent = if config.dev {
         let gateway_url = format!("http://{}", listener.local_addr()?);
         Some(start_dev_agent(&gateway_url, &config, stopped(stop_rx.clone())).await?)
     } else {
         None
     };
+    #[cfg(not(feature = "dev"))]
+    let dev_agent: Option<tokio::task::JoinHandle<anyhow::Result<()>>> = None;
     tokio::spawn(async move {
         shutdown_signal().await;
         let _ = stop_tx.send(true);
@@ -83,6 +103,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
 /// `--dev`: a node agent in this process on the local Docker engine, reporting to this gateway
 /// with its cluster token. Its images are prepared in the background with progress in the log;
 /// `GET /v1/languages` shows each one as it becomes ready.
+#[cfg(feature = "dev")]
 async fn start_dev_agent(
     gateway_url: &str,
     config: &Config,
@@ -108,6 +129,7 @@ async fn start_dev_agent(
 }
 
 /// `dev-<host name>-<port>`, reduced to the characters a node id may hold.
+#[cfg(feature = "dev")]
 fn dev_node_id(port: u16) -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     let host: String = host

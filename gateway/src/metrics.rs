@@ -37,7 +37,7 @@ const NODE_IMAGE: &str = "codefleet_node_image_state";
 /// gateways tests build in one process.
 pub fn handle() -> PrometheusHandle {
     static DESCRIBED: OnceLock<()> = OnceLock::new();
-    let handle = codefleet_node_agent::telemetry::prometheus().clone();
+    let handle = codefleet_http_edge::metrics::prometheus().clone();
     DESCRIBED.get_or_init(describe);
     handle
 }

@@ -4,6 +4,7 @@
 //!
 //! - `body`: the body deadline ([`DeadlineBody`]), [`read_body`] and [`require_json`].
 //! - `io`: the connection stream that turns hyper's bare parse-error answers into problems.
+//! - `metrics`: the process's one Prometheus recorder, which both binaries render at `/metrics`.
 //!
 //! It lives in a crate of its own because `shared` stays free of async and HTTP, and the gateway
 //! must not lean on the agent for its serving.
@@ -11,6 +12,7 @@
 
 pub mod body;
 pub mod io;
+pub mod metrics;
 
 use std::convert::Infallible;
 use std::future::Future;
