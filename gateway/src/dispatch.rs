@@ -179,6 +179,10 @@ impl Dispatcher {
         if let Some((name, value)) = header {
             request = request.header(name, value);
         }
+        // The agent logs the job under the client's request id too.
+        if let Some(id) = codefleet_http_edge::request_id::current() {
+            request = request.header(codefleet_http_edge::request_id::HEADER, id.as_str());
+        }
         if let Some(token) = &self.cluster_token {
             request = request.bearer_auth(token);
         }

@@ -31,17 +31,29 @@ pub struct DeadlineBody<B> {
     budget: Duration,
     sleep: Option<Pin<Box<Sleep>>>,
     timed_out: Arc<AtomicBool>,
+    /// Raised once the whole body has been read (at once for a request without one).
+    complete: Arc<AtomicBool>,
 }
 
-impl<B> DeadlineBody<B> {
+impl<B: Body> DeadlineBody<B> {
     pub fn new(inner: B, budget: Duration, timed_out: Arc<AtomicBool>) -> DeadlineBody<B> {
+        let complete = Arc::new(AtomicBool::new(inner.is_end_stream()));
         DeadlineBody {
             inner,
             deadline: Instant::now() + budget,
             budget,
             sleep: None,
             timed_out,
+            complete,
         }
+    }
+
+    /// Raised once the whole body has been read. An answer given before that (a request
+    /// refused before its body was read: too large, not JSON, unauthorized) must close the
+    /// connection, or the client could send its next request on a connection the server is
+    /// about to drop.
+    pub fn completion(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.complete)
     }
 }
 
@@ -62,6 +74,9 @@ where
             return Poll::Ready(Some(Err(BodyTimedOut(this.budget).into())));
         }
         if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            if frame.is_none() || this.inner.is_end_stream() {
+                this.complete.store(true, Ordering::Relaxed);
+            }
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
         let deadline = this.deadline;

@@ -4,6 +4,7 @@
 //!
 //! - `body`: the body deadline ([`DeadlineBody`]), [`read_body`] and [`require_json`].
 //! - `io`: the connection stream that turns hyper's bare parse-error answers into problems.
+//! - `request_id`: every request's id, its tracing span and its `X-Request-Id` answer header.
 //! - `metrics`: the process's one Prometheus recorder, which both binaries render at `/metrics`.
 //!
 //! It lives in a crate of its own because `shared` stays free of async and HTTP, and the gateway
@@ -13,6 +14,7 @@
 pub mod body;
 pub mod io;
 pub mod metrics;
+pub mod request_id;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -32,6 +34,9 @@ use tokio::sync::Semaphore;
 use tower::ServiceExt as _;
 
 pub use body::{read_body, require_json, BodyError, DeadlineBody};
+pub use request_id::RequestId;
+
+use tracing::Instrument as _;
 
 /// How long a client may take and how many may be connected at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,16 +143,26 @@ async fn respond(
     body_timeout: Duration,
 ) -> Result<Response, Infallible> {
     let timed_out = Arc::new(AtomicBool::new(false));
-    let request = request.map(|body| {
-        Body::new(DeadlineBody::new(
-            body,
-            body_timeout,
-            Arc::clone(&timed_out),
-        ))
+    let mut complete = None;
+    let mut request = request.map(|body| {
+        let body = DeadlineBody::new(body, body_timeout, Arc::clone(&timed_out));
+        complete = Some(body.completion());
+        Body::new(body)
     });
-    let response = app.oneshot(request).await?;
+    let id = RequestId::of(request.headers());
+    request
+        .headers_mut()
+        .insert(request_id::HEADER, id.header_value());
+    request.extensions_mut().insert(id.clone());
+    let span = tracing::info_span!("request", request_id = %id.as_str());
+    let serving = app.oneshot(request).instrument(span);
+    let response = request_id::scope(id.clone(), serving).await?;
     let mut response = as_problem(response).await;
-    if timed_out.load(Ordering::Relaxed) {
+    response
+        .headers_mut()
+        .insert(request_id::HEADER, id.header_value());
+    let unread = complete.is_some_and(|c| !c.load(Ordering::Relaxed));
+    if timed_out.load(Ordering::Relaxed) || unread {
         response
             .headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));

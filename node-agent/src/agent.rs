@@ -496,6 +496,7 @@ impl Agent {
         };
         drop(in_use);
         record(&response, &prepared);
+        tracing::debug!(job = %response.id, status = response.status.as_str(), sandbox = source.as_str(), "job answered");
         Ok(response)
     }
 
@@ -943,6 +944,7 @@ pub fn respond(
         },
         sandbox: Some(source.to_string()),
         attempts: None,
+        request_id: None,
     }
 }
 
@@ -997,6 +999,7 @@ fn failed_answer(
         },
         sandbox: None,
         attempts: None,
+        request_id: None,
     }
 }
 

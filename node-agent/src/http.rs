@@ -116,15 +116,25 @@ async fn read_json<T: DeserializeOwned>(agent: &Agent, request: Request) -> Resu
 async fn execute(State(agent): State<Arc<Agent>>, request: Request) -> Result<Response, ApiError> {
     let received = Instant::now();
     let wait = queue_wait(request.headers());
+    let request_id = request_id(&request);
     let req: ExecuteRequest = read_json(&agent, request).await?;
     let prepared = agent.prepare(&req, None)?;
     let span =
         tracing::info_span!("execute", node = %agent.node(), language = %prepared.language.name);
-    let response = agent
+    let mut response = agent
         .execute(prepared, received, wait)
         .instrument(span)
         .await?;
+    response.request_id = request_id;
     Ok(Json(response).into_response())
+}
+
+/// The id the edge gave the request (`None` when the router is called without the edge).
+fn request_id(request: &Request) -> Option<String> {
+    let id = request
+        .extensions()
+        .get::<codefleet_http_edge::RequestId>()?;
+    Some(id.as_str().to_string())
 }
 
 /// How long the caller lets the job queue for a slot (a gateway says what is left of its own
@@ -169,6 +179,7 @@ async fn session_execute(
 ) -> Result<Response, ApiError> {
     let received = Instant::now();
     let wait = queue_wait(request.headers());
+    let request_id = request_id(&request);
     let req: ExecuteRequest = read_json(&agent, request).await?;
     if req.language.is_some() || req.version.is_some() {
         return Err(Problem::new(
@@ -177,7 +188,12 @@ async fn session_execute(
         )
         .into());
     }
-    let response = agent.session_execute(&id, req, received, wait).await?;
+    let span = tracing::info_span!("session_execute", node = %agent.node(), session = %id);
+    let mut response = agent
+        .session_execute(&id, req, received, wait)
+        .instrument(span)
+        .await?;
+    response.request_id = request_id;
     Ok(Json(response).into_response())
 }
 

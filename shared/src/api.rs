@@ -337,6 +337,10 @@ pub struct ExecuteResponse {
     /// How many nodes the gateway tried (an extension; absent on an agent's own answer).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempts: Option<u32>,
+    /// The request's `X-Request-Id` (an extension): the id every log line of this job carries,
+    /// on the gateway and on the agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }
 
 /// One entry of `GET /v1/languages`.

@@ -1008,6 +1008,7 @@ fn canned_answer() -> ExecuteResponse {
         },
         sandbox: Some("warm".into()),
         attempts: None,
+        request_id: None,
     }
 }
 

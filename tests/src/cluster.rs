@@ -155,6 +155,12 @@ impl ClusterSpec {
     }
 
     /// A flag for the gateway.
+    /// Sets an environment variable of every agent process (e.g. `RUST_LOG`).
+    pub fn agent_env(mut self, name: &str, value: impl ToString) -> ClusterSpec {
+        self.agent = self.agent.env(name, value);
+        self
+    }
+
     pub fn gateway_arg(mut self, flag: &str, value: impl ToString) -> ClusterSpec {
         self.gateway_args.push(flag.to_string());
         self.gateway_args.push(value.to_string());

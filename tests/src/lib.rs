@@ -346,8 +346,8 @@ impl AgentProcess {
         let log = std::fs::File::create(Self::log_path(node)).expect("log file");
         let child = Command::new(bin_path("codefleet-agent"))
             .args(&argv[1..])
-            .envs(opts.env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info")
+            .envs(opts.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -115,6 +115,27 @@ async fn a_stalled_body_times_out(addr: &str, path: &str) {
     assert_eq!(answer.header("connection"), Some("close"), "{answer:?}");
 }
 
+/// A request refused before its body was read (too large by its Content-Length, not JSON) is
+/// answered with `Connection: close`: the server drops the connection after the answer, and a
+/// client must not send its next request on it (with keep-alive it could, and lose the race).
+async fn an_answer_before_the_body_closes_the_connection(addr: &str, path: &str) {
+    for (content_type, length, status) in [
+        ("application/json", 500_000_000u64, 413),
+        ("text/plain", 20, 415),
+    ] {
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: {content_type}\r\ncontent-length: {length}\r\n\r\n"
+        );
+        let answer = raw_exchange(addr, request.as_bytes(), WITHIN).await;
+        assert_eq!(answer.status, status, "{path}: {answer:?}");
+        assert_eq!(
+            answer.header("connection"),
+            Some("close"),
+            "{path}: {answer:?}"
+        );
+    }
+}
+
 /// Every JSON endpoint answers 415 to a body that is not declared JSON, before reading it.
 async fn json_endpoints_take_only_json(base: &str, paths: &[&str], token: Option<&str>) {
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
@@ -208,6 +229,7 @@ async fn gateway_edge() {
     protocol_rejections_are_problems(&addr).await;
     a_stalled_body_times_out(&addr, "/v1/execute").await;
     a_stalled_body_times_out(&addr, "/v1/internal/reports").await;
+    an_answer_before_the_body_closes_the_connection(&addr, "/v1/execute").await;
     json_endpoints_take_only_json(&gateway.url(), &GATEWAY_JSON_PATHS, None).await;
     // Still serving after all of that.
     let health = raw_exchange(
@@ -236,6 +258,7 @@ async fn agent_edge_and_connection_cap() {
     protocol_rejections_are_problems(&addr).await;
     a_stalled_body_times_out(&addr, "/v1/execute").await;
     a_stalled_body_times_out(&addr, "/v1/sessions").await;
+    an_answer_before_the_body_closes_the_connection(&addr, "/v1/execute").await;
     json_endpoints_take_only_json(&agent.api.url, &AGENT_JSON_PATHS, None).await;
     agent.stop().await;
 
