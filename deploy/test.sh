@@ -12,4 +12,5 @@ cargo build --workspace --bins
 echo "language images:"
 # One retry: a build that fetches Debian packages can meet a passing network error.
 target/debug/codefleet-agent --prepare-only || target/debug/codefleet-agent --prepare-only
+deploy/compose/build-images.sh  # the images of the binaries, for tests/tests/compose.rs
 cargo test --workspace "$@"
