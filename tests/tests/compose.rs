@@ -1008,7 +1008,10 @@ async fn an_agent_whose_sandboxes_are_removed_behind_its_back_heals() {
     let _one = ONE_AT_A_TIME.lock().await;
     let fleet = Fleet::up("heal").await;
     let victim = primary(&fleet.nodes);
-    assert_eq!(fleet.jobs_through(0, 1).await, [victim.clone()]);
+    assert_eq!(
+        fleet.jobs_through(0, 1).await,
+        std::slice::from_ref(&victim)
+    );
     let removed = containers_of(&victim);
     assert!(!removed.is_empty(), "{victim} keeps warm sandboxes");
     let mut argv = vec!["docker", "rm", "-f"];
@@ -1044,6 +1047,9 @@ async fn an_agent_whose_sandboxes_are_removed_behind_its_back_heals() {
     )
     .await;
     eprintln!("{victim} healed: warm again after {:?}", started.elapsed());
-    assert_eq!(fleet.jobs_through(1, 1).await, [victim.clone()]);
+    assert_eq!(
+        fleet.jobs_through(1, 1).await,
+        std::slice::from_ref(&victim)
+    );
     fleet.down().await;
 }
