@@ -19,6 +19,9 @@ use crate::metrics;
 use crate::routing::{Decision, NodeId, Want};
 use crate::{Config, Gateway};
 
+/// How long an idle pooled connection to an agent is kept.
+const POOL_IDLE: Duration = Duration::from_secs(20);
+
 /// How long to wait for a TCP connection to an agent; failing to connect is always safe to retry.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -123,7 +126,10 @@ impl Dispatcher {
             .no_proxy()
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
-            .pool_idle_timeout(Duration::from_secs(60))
+            // Shorter than the agents' keep-alive (their `--header-timeout-s`, 30 s by default):
+            // the gateway lets an idle connection go before the agent closes it, so a job is
+            // never sent on a connection the agent is dropping at that moment.
+            .pool_idle_timeout(POOL_IDLE)
             .build()?;
         Ok(Dispatcher {
             client,
