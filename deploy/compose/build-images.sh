@@ -17,7 +17,7 @@ deploy/images/bootstrap-base.sh
 if [ "$cargo" = 1 ]; then
   deploy/build-supervisor.sh
   echo "building the release binaries (gateway, agent)"
-  cargo build --quiet --release -p codefleet-gateway -p codefleet-node-agent
+  cargo build --release -p codefleet-gateway -p codefleet-node-agent
 fi
 
 release=target/release
