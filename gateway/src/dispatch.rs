@@ -255,14 +255,68 @@ struct Waiting<'a> {
 }
 
 impl<'a> Waiting<'a> {
-    /// Joins the wait, unless `length` jobs wait already.
-    fn join(count: &'a AtomicU32, length: u32) -> Option<Waiting<'a>> {
+    /// Joins the wait, unless [`admit`] says no.
+    fn join(
+        count: &'a AtomicU32,
+        length: u32,
+        mean_gap: Option<Duration>,
+        left: Duration,
+    ) -> Option<Waiting<'a>> {
         count
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                (n < length).then_some(n + 1)
+                admit(n, length, mean_gap, left).then_some(n + 1)
             })
             .ok()?;
         Some(Waiting { count })
+    }
+}
+
+/// Whether a job may join the `waiting` jobs: fewer than `length` wait, and, while jobs are
+/// seen leaving the wait every `mean_gap` on average, its turn would come within the `left` of
+/// its own wait. Otherwise it is refused at once rather than after waiting in vain: under a
+/// sustained overload a queue bounded by length alone keeps jobs that time out at its back.
+pub fn admit(waiting: u32, length: u32, mean_gap: Option<Duration>, left: Duration) -> bool {
+    if waiting >= length {
+        return false;
+    }
+    match mean_gap {
+        Some(gap) => gap.saturating_mul(waiting + 1) <= left,
+        None => true,
+    }
+}
+
+/// How fast jobs leave the gateway's wait for a node: a running mean of the time between two
+/// departures (each new gap weighs a fifth), forgotten once no job has left for a while.
+#[derive(Default)]
+pub struct Departures {
+    /// The last departure and the mean gap so far (`None` until there have been two).
+    last: std::sync::Mutex<Option<(std::time::Instant, Option<Duration>)>>,
+}
+
+impl Departures {
+    pub fn record(&self, now: std::time::Instant) {
+        let mut last = self.last.lock().expect("departures lock");
+        let mean = match *last {
+            Some((then, mean)) => {
+                let gap = now.saturating_duration_since(then);
+                Some(match mean {
+                    Some(mean) => (mean * 4 + gap) / 5,
+                    None => gap,
+                })
+            }
+            None => None,
+        };
+        *last = Some((now, mean));
+    }
+
+    /// The mean gap, unless the last departure is older than `stale_after` (the wait is not
+    /// moving, or nothing waited lately: nothing is known).
+    pub fn mean_gap(&self, now: std::time::Instant, stale_after: Duration) -> Option<Duration> {
+        let last = *self.last.lock().expect("departures lock");
+        match last {
+            Some((then, mean)) if now.saturating_duration_since(then) <= stale_after => mean,
+            _ => None,
+        }
     }
 }
 
@@ -343,6 +397,8 @@ pub async fn place(gw: &Gateway, job: Job<'_>) -> Result<Placed, GatewayError> {
     let mut waited = Duration::ZERO;
     let mut tried: Vec<NodeId> = Vec::new();
     let mut last_failure: Option<(NodeId, AttemptError)> = None;
+    // Whether this job has waited for a node with room (it leaves the wait when it gets one).
+    let mut queued = false;
     gw.dispatcher.budget.deposit();
     loop {
         // Registered before routing looks at the loads, so a slot freed meanwhile is not missed.
@@ -362,7 +418,12 @@ pub async fn place(gw: &Gateway, job: Job<'_>) -> Result<Placed, GatewayError> {
             .choose(&want, config.balance_factor, |node| node.load());
         metrics::routing_decision(started.elapsed());
         let node = match decision {
-            Decision::Node(entry) => Arc::clone(&entry.load),
+            Decision::Node(entry) => {
+                if std::mem::take(&mut queued) {
+                    gw.departures.record(std::time::Instant::now());
+                }
+                Arc::clone(&entry.load)
+            }
             Decision::Unavailable => {
                 return Err(match last_failure {
                     Some((node, failure)) => failure.into_error(&node),
@@ -386,20 +447,33 @@ pub async fn place(gw: &Gateway, job: Job<'_>) -> Result<Placed, GatewayError> {
                         ),
                     });
                 }
-                // A burst queues; beyond the queue's length the job is refused at once.
+                // A burst queues; beyond the queue's length, or when the wait already queued
+                // would outlast what is left of this job's, the job is refused at once.
                 let length = config
                     .queue_length
                     .unwrap_or(snapshot.ready_slots.saturating_mul(4))
                     .max(1);
-                let Some(_queued) = Waiting::join(&gw.waiting, length) else {
+                let left = deadline.saturating_duration_since(now);
+                // A job already waiting keeps its place (it was woken, found no room, and waits
+                // on); only a newcomer is weighed against the queue.
+                let (length, gap) = match queued {
+                    true => (u32::MAX, None),
+                    false => {
+                        let gap = gw.departures.mean_gap(now.into_std(), config.queue_wait());
+                        (length, gap)
+                    }
+                };
+                let Some(_queued) = Waiting::join(&gw.waiting, length, gap, left) else {
                     metrics::rejection("no_capacity");
                     return Err(GatewayError::NoCapacity {
                         detail: format!(
-                            "every node running {} is busy and {length} jobs wait already",
-                            job.language
+                            "every node running {} is busy, and {} jobs wait already",
+                            job.language,
+                            gw.waiting.load(Ordering::SeqCst)
                         ),
                     });
                 };
+                queued = true;
                 let _waiting = metrics::waiting();
                 tokio::select! {
                     () = freed => {}
@@ -514,6 +588,48 @@ mod tests {
             assert_eq!(failure.not_started(), retry, "{failure:?}");
             assert_eq!(failure.into_error(&NodeId::new("a")).problem().code, code);
         }
+    }
+
+    #[test]
+    fn a_job_joins_the_wait_only_when_its_turn_fits() {
+        let ms = Duration::from_millis;
+        // (waiting, length, mean gap, left) -> admitted
+        let table = [
+            ((0, 4, None, ms(1)), true), // nothing known: the length decides
+            ((3, 4, None, ms(1)), true),
+            ((4, 4, None, ms(30_000)), false),           // full
+            ((9, 40, Some(ms(100)), ms(1_000)), true),   // its turn in 1 s, 1 s left
+            ((10, 40, Some(ms(100)), ms(1_000)), false), // 1.1 s needed
+            ((0, 40, Some(ms(100)), ms(50)), false),
+            ((39, 40, Some(ms(1)), ms(1_000)), true),
+        ];
+        for ((waiting, length, gap, left), want) in table {
+            assert_eq!(
+                admit(waiting, length, gap, left),
+                want,
+                "{:?}",
+                (waiting, length, gap, left)
+            );
+        }
+    }
+
+    #[test]
+    fn departures_give_a_running_mean_gap_that_goes_stale() {
+        let d = Departures::default();
+        let t0 = std::time::Instant::now();
+        let s = Duration::from_secs;
+        assert_eq!(d.mean_gap(t0, s(2)), None);
+        d.record(t0);
+        assert_eq!(d.mean_gap(t0, s(2)), None, "one departure is no rate");
+        d.record(t0 + Duration::from_millis(100));
+        assert_eq!(
+            d.mean_gap(t0 + Duration::from_millis(100), s(2)),
+            Some(Duration::from_millis(100))
+        );
+        d.record(t0 + Duration::from_millis(700)); // a gap of 600 ms weighs a fifth
+        let now = t0 + Duration::from_millis(700);
+        assert_eq!(d.mean_gap(now, s(2)), Some(Duration::from_millis(200)));
+        assert_eq!(d.mean_gap(now + s(3), s(2)), None, "stale");
     }
 
     #[test]

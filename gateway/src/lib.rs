@@ -49,6 +49,8 @@ pub struct Gateway {
     freed: Arc<Notify>,
     /// Jobs waiting here for a node with room (bounded by `--queue-length`).
     waiting: std::sync::atomic::AtomicU32,
+    /// How fast waiting jobs get a node, for the expected wait of one that would join them.
+    departures: dispatch::Departures,
     metrics: PrometheusHandle,
 }
 
@@ -66,6 +68,7 @@ impl Gateway {
             dispatcher: Dispatcher::new(&config)?,
             freed: Arc::new(Notify::new()),
             waiting: std::sync::atomic::AtomicU32::new(0),
+            departures: dispatch::Departures::default(),
             metrics: metrics::handle(),
             config,
         }))
