@@ -271,6 +271,12 @@ impl<'a> Waiting<'a> {
     }
 }
 
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Whether a job may join the `waiting` jobs: fewer than `length` wait, and, while jobs are
 /// seen leaving the wait every `mean_gap` on average, its turn would come within the `left` of
 /// its own wait. Otherwise it is refused at once rather than after waiting in vain: under a
@@ -285,28 +291,40 @@ pub fn admit(waiting: u32, length: u32, mean_gap: Option<Duration>, left: Durati
     }
 }
 
-/// How fast jobs leave the gateway's wait for a node: a running mean of the time between two
-/// departures (each new gap weighs a fifth), forgotten once no job has left for a while.
+/// How fast jobs leave the gateway's wait for a node while it is backlogged: a running mean of
+/// the time between two departures (each new gap weighs a fifth), counted only when the earlier
+/// departure left other jobs waiting, so that a gap measures how fast the fleet serves the
+/// wait, not how seldom jobs had to wait. Forgotten once no job has left for a while.
 #[derive(Default)]
 pub struct Departures {
-    /// The last departure and the mean gap so far (`None` until there have been two).
-    last: std::sync::Mutex<Option<(std::time::Instant, Option<Duration>)>>,
+    /// The last departure, whether it left jobs waiting, and the mean gap so far.
+    last: std::sync::Mutex<Option<Departure>>,
+}
+
+#[derive(Clone, Copy)]
+struct Departure {
+    at: std::time::Instant,
+    backlogged: bool,
+    mean: Option<Duration>,
 }
 
 impl Departures {
-    pub fn record(&self, now: std::time::Instant) {
+    /// A job left the wait at `now`, leaving `still_waiting` jobs behind it.
+    pub fn record(&self, now: std::time::Instant, still_waiting: u32) {
         let mut last = self.last.lock().expect("departures lock");
         let mean = match *last {
-            Some((then, mean)) => {
-                let gap = now.saturating_duration_since(then);
-                Some(match mean {
-                    Some(mean) => (mean * 4 + gap) / 5,
-                    None => gap,
-                })
+            Some(d) if d.backlogged => {
+                let gap = now.saturating_duration_since(d.at);
+                Some(d.mean.map_or(gap, |mean| (mean * 4 + gap) / 5))
             }
+            Some(d) => d.mean,
             None => None,
         };
-        *last = Some((now, mean));
+        *last = Some(Departure {
+            at: now,
+            backlogged: still_waiting > 0,
+            mean,
+        });
     }
 
     /// The mean gap, unless the last departure is older than `stale_after` (the wait is not
@@ -314,15 +332,9 @@ impl Departures {
     pub fn mean_gap(&self, now: std::time::Instant, stale_after: Duration) -> Option<Duration> {
         let last = *self.last.lock().expect("departures lock");
         match last {
-            Some((then, mean)) if now.saturating_duration_since(then) <= stale_after => mean,
+            Some(d) if now.saturating_duration_since(d.at) <= stale_after => d.mean,
             _ => None,
         }
-    }
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.count.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -420,7 +432,9 @@ pub async fn place(gw: &Gateway, job: Job<'_>) -> Result<Placed, GatewayError> {
         let node = match decision {
             Decision::Node(entry) => {
                 if std::mem::take(&mut queued) {
-                    gw.departures.record(std::time::Instant::now());
+                    let still_waiting = gw.waiting.load(Ordering::SeqCst);
+                    gw.departures
+                        .record(std::time::Instant::now(), still_waiting);
                 }
                 Arc::clone(&entry.load)
             }
@@ -614,22 +628,24 @@ mod tests {
     }
 
     #[test]
-    fn departures_give_a_running_mean_gap_that_goes_stale() {
+    fn departures_give_a_running_mean_gap_of_a_backlogged_wait_that_goes_stale() {
         let d = Departures::default();
         let t0 = std::time::Instant::now();
-        let s = Duration::from_secs;
+        let (ms, s) = (Duration::from_millis, Duration::from_secs);
         assert_eq!(d.mean_gap(t0, s(2)), None);
-        d.record(t0);
+        d.record(t0, 3);
         assert_eq!(d.mean_gap(t0, s(2)), None, "one departure is no rate");
-        d.record(t0 + Duration::from_millis(100));
-        assert_eq!(
-            d.mean_gap(t0 + Duration::from_millis(100), s(2)),
-            Some(Duration::from_millis(100))
-        );
-        d.record(t0 + Duration::from_millis(700)); // a gap of 600 ms weighs a fifth
-        let now = t0 + Duration::from_millis(700);
-        assert_eq!(d.mean_gap(now, s(2)), Some(Duration::from_millis(200)));
-        assert_eq!(d.mean_gap(now + s(3), s(2)), None, "stale");
+        d.record(t0 + ms(100), 2);
+        assert_eq!(d.mean_gap(t0 + ms(100), s(2)), Some(ms(100)));
+        d.record(t0 + ms(700), 0); // a gap of 600 ms weighs a fifth; it left nobody waiting
+        assert_eq!(d.mean_gap(t0 + ms(700), s(2)), Some(ms(200)));
+        // The next gap started with nobody waiting: it says how seldom jobs wait, not how
+        // fast they are served, and does not count.
+        d.record(t0 + ms(1_900), 1);
+        assert_eq!(d.mean_gap(t0 + ms(1_900), s(2)), Some(ms(200)));
+        d.record(t0 + ms(2_000), 1);
+        assert_eq!(d.mean_gap(t0 + ms(2_000), s(2)), Some(ms(180)));
+        assert_eq!(d.mean_gap(t0 + s(5), s(2)), None, "stale");
     }
 
     #[test]

@@ -609,13 +609,18 @@ async fn a_burst_of_twenty_mixed_jobs_queues_and_all_succeed_with_a_core_busy() 
     )
     .await;
     let _busy = BusyCore::start();
+    // The most time a job may have: what is tested is that they queue, not how fast a machine
+    // this loaded runs them.
+    let limits =
+        json!({"wall_time_ms": 30000, "cpu_time_ms": 30000, "compile_wall_time_ms": 30000});
     let jobs = (0..20).map(|i| {
         let api = agent.api.clone();
-        let body = match i % 3 {
+        let mut body = match i % 3 {
             0 => json!({"language": "python", "source": format!("import time\ntime.sleep(0.5)\nprint({i})")}),
             1 => json!({"language": "javascript", "source": format!("setTimeout(() => console.log({i}), 500)")}),
             _ => json!({"language": "cpp", "source": format!("#include <cstdio>\nint main(){{ std::printf(\"%d\\n\", {i}); }}")}),
         };
+        body["limits"] = limits.clone();
         async move { (i, api.post("/v1/execute", &body).await) }
     });
     for (i, a) in futures_util::future::join_all(jobs).await {
