@@ -12,6 +12,10 @@ use crate::api::ImageState;
 /// agent's queue for a slot (what is left of the gateway's own wait).
 pub const QUEUE_WAIT_HEADER: &str = "x-codefleet-queue-wait-ms";
 
+/// Response header from an agent on an error answer when the job certainly did not start (no
+/// sandbox accepted it): the gateway may send it to another node. Absent means it may have run.
+pub const NOT_STARTED_HEADER: &str = "x-codefleet-not-started";
+
 /// What one language looks like on one node.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct LanguageCapacity {
