@@ -605,6 +605,7 @@ impl Agent {
             output_bytes: l.output_bytes,
             file_size_bytes: file_size,
             open_files: OPEN_FILES,
+            interactive: false,
         };
         let mut stages = Vec::new();
         if let Some(argv) = compile {
@@ -640,6 +641,7 @@ impl Agent {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
+            stream: false,
         }
     }
 
@@ -792,8 +794,10 @@ impl Agent {
                 output_bytes: 4096,
                 file_size_bytes: l.file_size_bytes,
                 open_files: OPEN_FILES,
+                interactive: false,
             }],
             env: vec![],
+            stream: false,
         };
         let stages = sandbox
             .run(job, Duration::from_secs(30))

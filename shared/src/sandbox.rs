@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::api::StageResult;
 
 /// Version of this protocol. Bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Environment variable naming the unix socket the supervisor connects to. When it is absent
 /// the supervisor speaks on its stdin and stdout (the container's attach stream) instead.
@@ -35,6 +35,13 @@ pub enum Command {
     Reset,
     /// Answered by `Pong`; a liveness check.
     Ping,
+    /// Bytes for the standard input of the running stage of job `id`, when that stage is
+    /// `interactive`; ignored otherwise, and when no such job runs.
+    Stdin { id: String, data_b64: String },
+    /// Closes the standard input of job `id`'s interactive stage.
+    CloseStdin { id: String },
+    /// Sends `signal` (a number, e.g. 9) to every process of job `id`'s running stage.
+    Signal { id: String, signal: i32 },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -49,6 +56,10 @@ pub struct Job {
     /// Environment of every stage (the supervisor adds nothing else but `HOME` and `PATH`
     /// defaults when they are absent).
     pub env: Vec<(String, String)>,
+    /// Send `StageStarted` and `Output` events while the job runs (the `Result` carries the
+    /// output either way).
+    #[serde(default)]
+    pub stream: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -76,6 +87,10 @@ pub struct Stage {
     pub output_bytes: u64,
     pub file_size_bytes: u64,
     pub open_files: u64,
+    /// Keep standard input open after `stdin` is written, fed by `Stdin` commands until
+    /// `CloseStdin`.
+    #[serde(default)]
+    pub interactive: bool,
 }
 
 /// Supervisor → agent.
@@ -92,6 +107,20 @@ pub enum Event {
     /// that dies before sending this did not start the job.
     Accepted {
         id: String,
+    },
+    /// A stage of a streaming job began (its process was started).
+    StageStarted {
+        id: String,
+        stage: String,
+    },
+    /// Bytes a streaming job's stage wrote, in the order it wrote them, up to its output limit.
+    /// `offset` is the position of the first byte in that stream.
+    Output {
+        id: String,
+        stage: String,
+        stream: crate::stream::OutputStream,
+        offset: u64,
+        data_b64: String,
     },
     /// A job's outcome; one result per stage that ran.
     Result {
@@ -147,8 +176,10 @@ mod tests {
                 output_bytes: 1,
                 file_size_bytes: 1,
                 open_files: 1,
+                interactive: false,
             }],
             env: vec![("A".into(), "b\nc".into())],
+            stream: false,
         });
         let line = serde_json::to_string(&job).unwrap();
         assert!(!line.contains('\n'));
@@ -158,6 +189,6 @@ mod tests {
             cgroup: "v1".into(),
         })
         .unwrap();
-        assert_eq!(hello, r#"{"type":"hello","version":2,"cgroup":"v1"}"#);
+        assert_eq!(hello, r#"{"type":"hello","version":3,"cgroup":"v1"}"#);
     }
 }

@@ -71,6 +71,10 @@ fn main() {
                 Some((uid, gid)) => reset_event(uid, gid),
                 None => Event::Ready,
             }],
+            // Between jobs there is no stage to feed or signal.
+            Ok(Command::Stdin { .. } | Command::CloseStdin { .. } | Command::Signal { .. }) => {
+                vec![]
+            }
             Ok(Command::Job(job)) => {
                 // Before anything of the job happens: until the agent has read this, it knows
                 // the job did not start and may run it elsewhere if this sandbox dies.
