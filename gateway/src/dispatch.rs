@@ -14,6 +14,7 @@ use codefleet_shared::{ErrorCode, Problem, ResolvedLimits};
 use tokio::time::Instant;
 
 use crate::error::GatewayError;
+use crate::line::Place;
 use crate::membership::NodeHandle;
 use crate::metrics;
 use crate::routing::{Decision, NodeId, Want};
@@ -409,8 +410,11 @@ pub async fn place(gw: &Gateway, job: Job<'_>) -> Result<Placed, GatewayError> {
     let mut waited = Duration::ZERO;
     let mut tried: Vec<NodeId> = Vec::new();
     let mut last_failure: Option<(NodeId, AttemptError)> = None;
-    // Whether this job has waited for a node with room (it leaves the wait when it gets one).
-    let mut queued = false;
+    // Jobs that want the same runtimes share a line (one that asks for a version the full nodes
+    // have must not hold up one that any node with room could take).
+    let line_key = format!("{}\0{}", job.language, job.version.unwrap_or(""));
+    // While this job waits for a node with room: its count in the wait and its place in line.
+    let mut spot: Option<(Waiting<'_>, Place<'_>)> = None;
     gw.dispatcher.budget.deposit();
     loop {
         // Registered before routing looks at the loads, so a slot freed meanwhile is not missed.
@@ -419,26 +423,36 @@ pub async fn place(gw: &Gateway, job: Job<'_>) -> Result<Placed, GatewayError> {
         freed.as_mut().enable();
 
         let snapshot = gw.snapshot();
-        let started = std::time::Instant::now();
-        let want = Want {
-            language: job.language,
-            version: job.version,
-            exclude: &tried,
+        // Jobs of a language get nodes in the order they came: while some of them wait, a job
+        // behind them does not look for a node (the one first in line does).
+        let my_turn = match &spot {
+            Some((_, place)) => place.is_first(),
+            None => gw.line.is_empty(&line_key),
         };
-        let decision = snapshot
-            .table
-            .choose(&want, config.balance_factor, |node| node.load());
-        metrics::routing_decision(started.elapsed());
+        let decision = my_turn.then(|| {
+            let started = std::time::Instant::now();
+            let want = Want {
+                language: job.language,
+                version: job.version,
+                exclude: &tried,
+            };
+            let decision = snapshot
+                .table
+                .choose(&want, config.balance_factor, |node| node.load());
+            metrics::routing_decision(started.elapsed());
+            decision
+        });
         let node = match decision {
-            Decision::Node(entry) => {
-                if std::mem::take(&mut queued) {
+            Some(Decision::Node(entry)) => {
+                if let Some(left) = spot.take() {
+                    drop(left);
                     let still_waiting = gw.waiting.load(Ordering::SeqCst);
                     gw.departures
                         .record(std::time::Instant::now(), still_waiting);
                 }
                 Arc::clone(&entry.load)
             }
-            Decision::Unavailable => {
+            Some(Decision::Unavailable) => {
                 return Err(match last_failure {
                     Some((node, failure)) => failure.into_error(&node),
                     None => {
@@ -449,7 +463,7 @@ pub async fn place(gw: &Gateway, job: Job<'_>) -> Result<Placed, GatewayError> {
                     }
                 });
             }
-            Decision::Saturated => {
+            Some(Decision::Saturated) | None => {
                 let now = Instant::now();
                 if now >= deadline {
                     metrics::rejection("no_capacity");
@@ -461,33 +475,28 @@ pub async fn place(gw: &Gateway, job: Job<'_>) -> Result<Placed, GatewayError> {
                         ),
                     });
                 }
-                // A burst queues; beyond the queue's length, or when the wait already queued
-                // would outlast what is left of this job's, the job is refused at once.
-                let length = config
-                    .queue_length
-                    .unwrap_or(snapshot.ready_slots.saturating_mul(4))
-                    .max(1);
-                let left = deadline.saturating_duration_since(now);
-                // A job already waiting keeps its place (it was woken, found no room, and waits
-                // on); only a newcomer is weighed against the queue.
-                let (length, gap) = match queued {
-                    true => (u32::MAX, None),
-                    false => {
-                        let gap = gw.departures.mean_gap(now.into_std(), config.queue_wait());
-                        (length, gap)
-                    }
-                };
-                let Some(_queued) = Waiting::join(&gw.waiting, length, gap, left) else {
-                    metrics::rejection("no_capacity");
-                    return Err(GatewayError::NoCapacity {
-                        detail: format!(
-                            "every node running {} is busy, and {} jobs wait already",
-                            job.language,
-                            gw.waiting.load(Ordering::SeqCst)
-                        ),
-                    });
-                };
-                queued = true;
+                if spot.is_none() {
+                    // A burst queues; beyond the queue's length, or when the wait already
+                    // queued would outlast what is left of this job's, the job is refused at
+                    // once. A job already waiting keeps its place.
+                    let length = config
+                        .queue_length
+                        .unwrap_or(snapshot.ready_slots.saturating_mul(4))
+                        .max(1);
+                    let left = deadline.saturating_duration_since(now);
+                    let gap = gw.departures.mean_gap(now.into_std(), config.queue_wait());
+                    let Some(waiting) = Waiting::join(&gw.waiting, length, gap, left) else {
+                        metrics::rejection("no_capacity");
+                        return Err(GatewayError::NoCapacity {
+                            detail: format!(
+                                "every node running {} is busy, and {} jobs wait already",
+                                job.language,
+                                gw.waiting.load(Ordering::SeqCst)
+                            ),
+                        });
+                    };
+                    spot = Some((waiting, gw.line.join(&line_key)));
+                }
                 let _waiting = metrics::waiting();
                 tokio::select! {
                     () = freed => {}
