@@ -279,61 +279,67 @@ impl Drop for Waiting<'_> {
 }
 
 /// Whether a job may join the `waiting` jobs: fewer than `length` wait, and, while jobs are
-/// seen leaving the wait every `mean_gap` on average, its turn would come within the `left` of
-/// its own wait. Otherwise it is refused at once rather than after waiting in vain: under a
-/// sustained overload a queue bounded by length alone keeps jobs that time out at its back.
+/// seen leaving the wait every `mean_gap` on average, its turn would come within three quarters
+/// of the `left` of its own wait (the rest is for the mean's noise and the agent's own queue).
+/// Otherwise it is refused at once rather than after waiting in vain: under a sustained
+/// overload a queue bounded by length alone keeps jobs that time out at its back.
 pub fn admit(waiting: u32, length: u32, mean_gap: Option<Duration>, left: Duration) -> bool {
     if waiting >= length {
         return false;
     }
     match mean_gap {
-        Some(gap) => gap.saturating_mul(waiting + 1) <= left,
+        Some(gap) => gap.saturating_mul(waiting + 1) <= left * 3 / 4,
         None => true,
     }
 }
 
-/// How fast jobs leave the gateway's wait for a node while it is backlogged: a running mean of
-/// the time between two departures (each new gap weighs a fifth), counted only when the earlier
-/// departure left other jobs waiting, so that a gap measures how fast the fleet serves the
-/// wait, not how seldom jobs had to wait. Forgotten once no job has left for a while.
+/// How fast jobs leave the gateway's wait for a node while it is backlogged: the mean time
+/// between two departures over the last [`Departures::WINDOW`] gaps, counting a gap only when
+/// the earlier departure left other jobs waiting, so that a gap measures how fast the fleet
+/// serves the wait, not how seldom jobs had to wait. A mean over many gaps, not a running
+/// average weighted to the last few: departures come in bursts (a freed slot, then the next in
+/// line finding another), and a newcomer is weighed against the mean just after a burst as
+/// often as at any other time. Forgotten once no job has left for a while.
 #[derive(Default)]
 pub struct Departures {
-    /// The last departure, whether it left jobs waiting, and the mean gap so far.
-    last: std::sync::Mutex<Option<Departure>>,
+    last: std::sync::Mutex<Gaps>,
 }
 
-#[derive(Clone, Copy)]
-struct Departure {
-    at: std::time::Instant,
-    backlogged: bool,
-    mean: Option<Duration>,
+#[derive(Default)]
+struct Gaps {
+    /// The last departure and whether it left jobs waiting.
+    last: Option<(std::time::Instant, bool)>,
+    gaps: std::collections::VecDeque<Duration>,
+    sum: Duration,
 }
 
 impl Departures {
+    pub const WINDOW: usize = 32;
+
     /// A job left the wait at `now`, leaving `still_waiting` jobs behind it.
     pub fn record(&self, now: std::time::Instant, still_waiting: u32) {
-        let mut last = self.last.lock().expect("departures lock");
-        let mean = match *last {
-            Some(d) if d.backlogged => {
-                let gap = now.saturating_duration_since(d.at);
-                Some(d.mean.map_or(gap, |mean| (mean * 4 + gap) / 5))
+        let mut d = self.last.lock().expect("departures lock");
+        if let Some((at, true)) = d.last {
+            let gap = now.saturating_duration_since(at);
+            d.gaps.push_back(gap);
+            d.sum += gap;
+            if d.gaps.len() > Self::WINDOW {
+                let old = d.gaps.pop_front().expect("a gap");
+                d.sum -= old;
             }
-            Some(d) => d.mean,
-            None => None,
-        };
-        *last = Some(Departure {
-            at: now,
-            backlogged: still_waiting > 0,
-            mean,
-        });
+        }
+        d.last = Some((now, still_waiting > 0));
     }
 
     /// The mean gap, unless the last departure is older than `stale_after` (the wait is not
     /// moving, or nothing waited lately: nothing is known).
     pub fn mean_gap(&self, now: std::time::Instant, stale_after: Duration) -> Option<Duration> {
-        let last = *self.last.lock().expect("departures lock");
-        match last {
-            Some(d) if now.saturating_duration_since(d.at) <= stale_after => d.mean,
+        let d = self.last.lock().expect("departures lock");
+        match d.last {
+            Some((at, _)) if now.saturating_duration_since(at) <= stale_after => {
+                let n = u32::try_from(d.gaps.len()).ok().filter(|n| *n > 0)?;
+                Some(d.sum / n)
+            }
             _ => None,
         }
     }
@@ -620,9 +626,10 @@ mod tests {
         let table = [
             ((0, 4, None, ms(1)), true), // nothing known: the length decides
             ((3, 4, None, ms(1)), true),
-            ((4, 4, None, ms(30_000)), false),           // full
-            ((9, 40, Some(ms(100)), ms(1_000)), true),   // its turn in 1 s, 1 s left
-            ((10, 40, Some(ms(100)), ms(1_000)), false), // 1.1 s needed
+            ((4, 4, None, ms(30_000)), false),          // full
+            ((6, 40, Some(ms(100)), ms(1_000)), true),  // its turn in 0.7 s, 1 s left
+            ((7, 40, Some(ms(100)), ms(1_000)), false), // 0.8 s needed: more than 3/4
+            ((9, 40, Some(ms(100)), ms(1_000)), false),
             ((0, 40, Some(ms(100)), ms(50)), false),
             ((39, 40, Some(ms(1)), ms(1_000)), true),
         ];
@@ -637,7 +644,7 @@ mod tests {
     }
 
     #[test]
-    fn departures_give_a_running_mean_gap_of_a_backlogged_wait_that_goes_stale() {
+    fn departures_give_the_mean_gap_of_a_backlogged_wait_that_goes_stale() {
         let d = Departures::default();
         let t0 = std::time::Instant::now();
         let (ms, s) = (Duration::from_millis, Duration::from_secs);
@@ -646,15 +653,22 @@ mod tests {
         assert_eq!(d.mean_gap(t0, s(2)), None, "one departure is no rate");
         d.record(t0 + ms(100), 2);
         assert_eq!(d.mean_gap(t0 + ms(100), s(2)), Some(ms(100)));
-        d.record(t0 + ms(700), 0); // a gap of 600 ms weighs a fifth; it left nobody waiting
-        assert_eq!(d.mean_gap(t0 + ms(700), s(2)), Some(ms(200)));
+        d.record(t0 + ms(700), 0); // it left nobody waiting
+        assert_eq!(d.mean_gap(t0 + ms(700), s(2)), Some(ms(350)));
         // The next gap started with nobody waiting: it says how seldom jobs wait, not how
         // fast they are served, and does not count.
         d.record(t0 + ms(1_900), 1);
-        assert_eq!(d.mean_gap(t0 + ms(1_900), s(2)), Some(ms(200)));
+        assert_eq!(d.mean_gap(t0 + ms(1_900), s(2)), Some(ms(350)));
         d.record(t0 + ms(2_000), 1);
-        assert_eq!(d.mean_gap(t0 + ms(2_000), s(2)), Some(ms(180)));
+        assert_eq!(d.mean_gap(t0 + ms(2_000), s(2)), Some(ms(800) / 3));
         assert_eq!(d.mean_gap(t0 + s(5), s(2)), None, "stale");
+        // Only the last WINDOW gaps count.
+        let mut at = t0 + ms(2_000);
+        for _ in 0..Departures::WINDOW {
+            at += ms(10);
+            d.record(at, 1);
+        }
+        assert_eq!(d.mean_gap(at, s(2)), Some(ms(10)));
     }
 
     #[test]
