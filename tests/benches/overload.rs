@@ -448,9 +448,15 @@ async fn run() -> anyhow::Result<()> {
                     .or_default() += 1;
                 without_retry_after += usize::from(!s.retry_after);
                 if s.took > Duration::from_millis(10) {
-                    let place = match s.detail.contains("slots of node") {
-                        true => "in an agent's queue",
-                        false => "at the gateway",
+                    // The gateway says "waited N ms" when a job's wait ran out, and how many
+                    // wait already when it refused a newcomer at once (then only the way back
+                    // was slow: a loaded machine).
+                    let place = if s.detail.contains("slots of node") {
+                        "in an agent's queue"
+                    } else if s.detail.contains("waited") {
+                        "the gateway's wait ran out"
+                    } else {
+                        "refused at once by the gateway, answer slow to arrive"
                     };
                     *slow_where.entry(place).or_default() += 1;
                 }
