@@ -123,8 +123,11 @@ impl Conn {
         self.pump(&mut streaming).await
     }
 
-    /// Passes events to the client and its messages to the job until the last event.
+    /// Passes events to the client and its messages to the job until the last event. A control
+    /// the job cannot take yet waits (and the client's next messages with it) while events keep
+    /// flowing, so a chatty client and a chatty program never wait on each other.
     async fn pump(&mut self, streaming: &mut Streaming) -> Result<(), Close> {
+        let mut pending: Option<Control> = None;
         loop {
             let left = self.total.saturating_sub(self.opened.elapsed());
             if left.is_zero() {
@@ -135,7 +138,18 @@ impl Conn {
             }
             let woke = tokio::select! {
                 event = streaming.events.recv() => Woke::Event(event),
-                message = self.socket.recv() => Woke::Client(message),
+                permit = streaming.control.reserve(), if pending.is_some() => match permit {
+                    Ok(permit) => {
+                        permit.send(pending.take().expect("a control is pending"));
+                        continue;
+                    }
+                    // The job is over; its last event is on its way.
+                    Err(_) => {
+                        pending = None;
+                        continue;
+                    }
+                },
+                message = self.socket.recv(), if pending.is_none() => Woke::Client(message),
                 () = tokio::time::sleep(self.idle.min(left)) => Woke::Idle,
             };
             match woke {
@@ -153,12 +167,8 @@ impl Conn {
                     ))
                 }
                 Woke::Client(message) => {
-                    let message = client_message(message)?;
-                    let Some(message) = message else { continue };
-                    let control = control_of(message)?;
-                    if streaming.control.send(control).await.is_err() {
-                        // The job is over; its last event is on its way.
-                        continue;
+                    if let Some(message) = client_message(message)? {
+                        pending = Some(control_of(message)?);
                     }
                 }
                 Woke::Idle if self.opened.elapsed() >= self.total => continue,

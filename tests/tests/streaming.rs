@@ -238,6 +238,26 @@ async fn ndjson_streams_output_while_the_program_runs() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(lines.stdout("run"), "in a session\n");
     assert_eq!(lines.last()["result"]["sandbox"], "session");
+
+    // A node's refusal before any sandbox took the job says so: a gateway may go elsewhere.
+    assert_eq!(
+        api.post("/v1/drain", &json!({})).await.status,
+        StatusCode::ACCEPTED
+    );
+    let refused = api
+        .http
+        .post(format!("{}/v1/execute", api.url))
+        .header("accept", "application/x-ndjson")
+        .json(&json!({"language": "python", "source": "print(1)"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(refused.headers()["x-codefleet-not-started"], "true");
+    assert_eq!(
+        refused.headers()["content-type"],
+        "application/problem+json"
+    );
     agent.stop().await;
 }
 
