@@ -335,7 +335,10 @@ async fn closed_with(ws: &mut Ws) -> (u16, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_drives_a_program_line_by_line_and_kills_on_request() {
-    let opts = AgentOpts::languages(&["python"]).arg("--pool-max", 2);
+    let opts = AgentOpts::languages(&["python"])
+        .arg("--pool-max", 2)
+        .arg("--ws-idle-s", 3)
+        .arg("--ws-max-message-bytes", 64 << 10);
     let agent = TestAgent::start("stream-ws", opts).await;
     let api = &agent.api;
 
@@ -404,6 +407,25 @@ async fn websocket_drives_a_program_line_by_line_and_kills_on_request() {
     assert_eq!(next_event(&mut ws).await["type"], "accepted");
     ws.send(Message::Text("{not json".into())).await.unwrap();
     assert_eq!(closed_with(&mut ws).await.0, 1007);
+    let mut ws = connect(api).await;
+    send(&mut ws, json!({"language": "python", "source": echo})).await;
+    assert_eq!(next_event(&mut ws).await["type"], "accepted");
+    let big = "x".repeat(100 << 10);
+    let _ = ws
+        .send(Message::Text(
+            json!({"type": "stdin", "data": big}).to_string().into(),
+        ))
+        .await;
+    assert_eq!(closed_with(&mut ws).await.0, 1009);
+    // Idle: nothing either way for --ws-idle-s.
+    let mut ws = connect(api).await;
+    let opened = Instant::now();
+    assert_eq!(closed_with(&mut ws).await.0, 4000);
+    assert!(
+        opened.elapsed() >= Duration::from_secs(2),
+        "{:?}",
+        opened.elapsed()
+    );
 
     // Closing the socket kills the job: its slot is free at once and its sandbox goes back
     // (reset) instead of running for its whole 25 s.
