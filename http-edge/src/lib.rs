@@ -28,9 +28,10 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 use codefleet_shared::{ErrorCode, Problem};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tower::ServiceExt as _;
 
 pub use body::{read_body, require_json, BodyError, DeadlineBody};
@@ -66,9 +67,24 @@ pub fn problem_response(problem: &Problem) -> Response {
     response
 }
 
+/// A request's handle on its own client connection, among the request's extensions: a handler
+/// whose answer streams (say, to a client that stopped reading) can close the connection
+/// outright, which no error in the body could do while hyper waits for the socket to drain.
+#[derive(Debug, Clone)]
+pub struct Disconnect(CancellationToken);
+
+impl Disconnect {
+    /// Closes the connection now, whatever is still unsent.
+    pub fn now(&self) {
+        self.0.cancel();
+    }
+}
+
 /// Serves `app` on `listener` until `shutdown` resolves, then lets open requests finish.
 /// Connections beyond `limits.max_connections` are not accepted until one closes; each request
-/// body gets `limits.body_timeout`; every non-2xx answer leaves as problem+json.
+/// body gets `limits.body_timeout`; every non-2xx answer leaves as problem+json. Connections may
+/// be upgraded (WebSocket); an upgraded one is the handler's from then on, and shutdown does not
+/// wait for it.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
@@ -78,7 +94,9 @@ pub async fn serve(
     let permits = Arc::new(Semaphore::new(
         limits.max_connections.clamp(1, Semaphore::MAX_PERMITS),
     ));
-    let graceful = GracefulShutdown::new();
+    // hyper-util's `GracefulShutdown` does not take upgradeable connections: the same by hand.
+    let (stopping, stop) = watch::channel(false);
+    let connections = TaskTracker::new();
     let mut shutdown = std::pin::pin!(shutdown);
     // Logged once each time the cap is reached, not for every connection that waits.
     let mut saturated = false;
@@ -116,23 +134,40 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let app = app.clone();
+        let disconnect = Disconnect(CancellationToken::new());
+        let handle = disconnect.clone();
         let service = hyper::service::service_fn(move |request| {
-            respond(app.clone(), request, limits.body_timeout)
+            respond(app.clone(), request, limits.body_timeout, handle.clone())
         });
         let connection = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(limits.header_timeout)
-            .serve_connection(TokioIo::new(io::ProblemStream::new(stream)), service);
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
+            .serve_connection(TokioIo::new(io::ProblemStream::new(stream)), service)
+            .with_upgrades();
+        let mut stop = stop.clone();
+        connections.spawn(async move {
+            let mut connection = std::pin::pin!(connection);
+            let ended = tokio::select! {
+                ended = connection.as_mut() => ended,
+                () = disconnect.0.cancelled() => {
+                    tracing::debug!("connection closed by the server");
+                    Ok(())
+                }
+                () = async { drop(stop.wait_for(|stop| *stop).await) } => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(error) = ended {
                 tracing::debug!(%error, "connection ended with an error");
             }
             drop(permit);
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    let _ = stopping.send(true);
+    connections.close();
+    connections.wait().await;
 }
 
 /// One request: its body under the deadline, then the app, then the answer made a problem when
@@ -141,6 +176,7 @@ async fn respond(
     app: Router,
     request: Request<hyper::body::Incoming>,
     body_timeout: Duration,
+    disconnect: Disconnect,
 ) -> Result<Response, Infallible> {
     let timed_out = Arc::new(AtomicBool::new(false));
     let mut complete = None;
@@ -154,6 +190,7 @@ async fn respond(
         .headers_mut()
         .insert(request_id::HEADER, id.header_value());
     request.extensions_mut().insert(id.clone());
+    request.extensions_mut().insert(disconnect);
     let span = tracing::info_span!("request", request_id = %id.as_str());
     let serving = app.oneshot(request).instrument(span);
     let response = request_id::scope(id.clone(), serving).await?;
