@@ -13,7 +13,7 @@ use axum::{Json, Router};
 use clap::Parser;
 use codefleet_gateway::routing::{NodeEntry, NodeId, RoutingTable};
 use codefleet_gateway::{router, Config, Gateway};
-use codefleet_shared::cluster::{CapacityReport, LanguageCapacity};
+use codefleet_shared::cluster::{CapacityReport, LanguageCapacity, NOT_STARTED_HEADER};
 use codefleet_shared::{ErrorCode, ImageState, Problem};
 use serde_json::{json, Value};
 use tokio::io::AsyncReadExt;
@@ -135,6 +135,9 @@ async fn agent_execute(
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, "1".parse().unwrap());
+            response
+                .headers_mut()
+                .insert(NOT_STARTED_HEADER, "1".parse().unwrap());
             response
         }
         Behavior::Broken => (StatusCode::INTERNAL_SERVER_ERROR, "oops").into_response(),
