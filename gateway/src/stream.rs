@@ -219,7 +219,58 @@ struct Pump {
 }
 
 impl Pump {
-    async fn run(mut self) -> StreamOutcome {
+    async fn run(self) -> StreamOutcome {
+        let ndjson = self
+            .response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with(NDJSON));
+        match ndjson {
+            true => self.lines().await,
+            false => self.whole().await,
+        }
+    }
+
+    /// An agent that does not stream (one older than streaming) answers the buffered way: its
+    /// answer becomes the stream's one `result` event.
+    async fn whole(mut self) -> StreamOutcome {
+        let mut body = BytesMut::new();
+        loop {
+            let chunk = tokio::select! {
+                chunk = self.response.chunk() => chunk.map_err(|e| lost_reason(&e)),
+                () = self.node.lost() => Err("the node stopped reporting".to_string()),
+            };
+            match chunk {
+                Ok(Some(bytes)) if body.len() + bytes.len() <= self.limits.max_line => {
+                    body.extend_from_slice(&bytes)
+                }
+                Ok(Some(_)) => {
+                    let detail = format!("an answer over {} bytes", self.limits.max_line);
+                    let bad = bad_answer(&self.relay.node, detail);
+                    return self.finish(bad.to_line(), StreamOutcome::BadAnswer).await;
+                }
+                Ok(None) => break,
+                Err(reason) => {
+                    let lost = node_lost(&self.relay.node, &reason);
+                    return self.finish(lost.to_line(), StreamOutcome::NodeLost).await;
+                }
+            }
+        }
+        let mut event = match serde_json::from_slice(&body) {
+            Ok(result) => JobEvent::Result {
+                result: Box::new(result),
+            },
+            Err(e) => {
+                let bad = bad_answer(&self.relay.node, format!("not an execute response: {e}"));
+                return self.finish(bad.to_line(), StreamOutcome::BadAnswer).await;
+            }
+        };
+        self.relay.rewrite(&mut event);
+        self.finish(event.to_line(), StreamOutcome::Result).await
+    }
+
+    async fn lines(mut self) -> StreamOutcome {
         let mut codec = LinesCodec::new_with_max_length(self.limits.max_line);
         let mut buffer = BytesMut::new();
         loop {

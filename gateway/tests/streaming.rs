@@ -34,6 +34,8 @@ enum Fake {
     Streams { release: Arc<Notify> },
     /// `accepted`, `output` "a", half a line, then the connection breaks.
     Cuts,
+    /// The buffered answer, as an agent from before streaming gives it.
+    Buffered,
     /// 503 `no_capacity` with the not-started header.
     NotStarted,
     /// 503 `no_capacity` without it: the job may have started.
@@ -171,6 +173,12 @@ async fn fake_execute(State(agent): State<FakeState>, headers: HeaderMap) -> Res
                 }
             }
         })),
+        Fake::Buffered => {
+            let JobEvent::Result { result } = result(&id, "a\n") else {
+                unreachable!()
+            };
+            return Json(result).into_response();
+        }
         Fake::NotStarted => {
             let busy = Problem::new(ErrorCode::NoCapacity, "all slots busy");
             return problem(StatusCode::SERVICE_UNAVAILABLE, busy, true);
@@ -714,4 +722,20 @@ async fn bad_messages_get_close_codes_with_reasons() {
     let (code, reason) = ws_next(&mut socket).await.unwrap_err();
     assert_eq!(code, 1007);
     assert!(reason.contains("stdin"), "{reason}");
+}
+
+#[tokio::test]
+async fn an_agent_that_does_not_stream_gives_a_stream_of_one_result() {
+    let (first, _) = ids();
+    let buffered = fake_agent(first, Fake::Buffered).await;
+    let gw = gateway(&[]).await;
+    register(&gw, &[&buffered]).await;
+
+    let response = post_stream(&gw).await;
+    assert_eq!(response.headers()[header::CONTENT_TYPE], NDJSON);
+    let lines = Lines::new(response).all().await;
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["type"], "result");
+    assert_eq!(lines[0]["result"]["run"]["stdout"], "a\n");
+    assert_eq!(lines[0]["result"]["attempts"], 1);
 }
