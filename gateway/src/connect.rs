@@ -16,8 +16,11 @@
 //! execute body; later ones: `stdin`, `eof` or `signal`); 1008 a job refused for the request's
 //! own reason (after an `error` event with the problem); 1009 a message too large; 1011 the node
 //! was lost, or answered what cannot be passed on (after an `error` event); 1013 no node could
-//! take the job (after an `error` event, e.g. `no_capacity`); 4000 idle; 4001 no first message
-//! within `--body-timeout-ms`. A close the agent chose itself is passed on as it came.
+//! take the job (after an `error` event, e.g. `no_capacity`); 4000 idle (no message either way
+//! for `--connect-idle-ms`, or no first message within `--body-timeout-ms`); 4002 the client took
+//! no message for `--stream-stall-ms` (sent if it still can be). The same codes as the agent's; a
+//! close the agent chose itself (say, its 4001 for a socket open too long) is passed on as it
+//! came.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,9 +49,9 @@ use crate::Gateway;
 /// The agent path of the job's socket.
 const AGENT_PATH: &str = "/v1/connect";
 
-/// Close codes of the gateway's own (the others are RFC 6455's, in `close_code`).
+/// Close codes beyond RFC 6455's (in `close_code`), the agent's too.
 const IDLE: u16 = 4000;
-const NO_FIRST_MESSAGE: u16 = 4001;
+const STALLED: u16 = 4002;
 
 /// `GET /v1/connect`: authenticated and counted like any client request (the key's quota is held
 /// until the socket closes); the upgrade limits every message to `--max-body-bytes`.
@@ -161,7 +164,7 @@ async fn start(
     let text = match first {
         Err(_) => {
             let reason = "no execute request within the body timeout";
-            return refused(Ending::close(NO_FIRST_MESSAGE, reason));
+            return refused(Ending::close(IDLE, reason));
         }
         Ok(None | Some(Err(_)) | Some(Ok(Message::Close(_)))) => {
             return Err((
@@ -361,6 +364,10 @@ async fn from_agent(
         Ok(Err(_)) => return Step::End(StreamOutcome::ClientGone),
         Err(_) => {
             tracing::info!("client stopped reading the socket: dropped");
+            let reason = "the client took no message for the stall limit";
+            Ending::close(STALLED, reason)
+                .send(client, Duration::from_millis(100))
+                .await;
             return Step::End(StreamOutcome::Stalled);
         }
     }
