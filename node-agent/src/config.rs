@@ -129,6 +129,25 @@ pub struct Config {
     #[arg(long, env = "CODEFLEET_MAX_CONNECTIONS", default_value_t = 1_024, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_connections: u64,
 
+    /// Milliseconds a streamed job's client (NDJSON or WebSocket) may take no event while
+    /// events wait for it; then it is disconnected and its job killed.
+    #[arg(long, env = "CODEFLEET_STREAM_STALL_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub stream_stall_ms: u64,
+
+    /// Seconds a `/v1/connect` WebSocket may stay open in all (the job's own limits still
+    /// apply).
+    #[arg(long, env = "CODEFLEET_WS_MAX_S", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub ws_max_s: u64,
+
+    /// Seconds a `/v1/connect` WebSocket may go without a client message (the first, the
+    /// execute body, included) while its job runs or before it starts.
+    #[arg(long, env = "CODEFLEET_WS_IDLE_S", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub ws_idle_s: u64,
+
+    /// Largest WebSocket message a client may send, bytes (the execute body included).
+    #[arg(long, env = "CODEFLEET_WS_MAX_MESSAGE_BYTES", default_value_t = 2 << 20)]
+    pub ws_max_message_bytes: usize,
+
     /// Seconds that in-flight jobs get to finish on SIGTERM.
     #[arg(long, env = "CODEFLEET_GRACE_S", default_value_t = 30)]
     pub grace_s: u64,

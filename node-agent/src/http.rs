@@ -1,10 +1,12 @@
-//! The agent's HTTP API: decode and validate at the edge, call the agent, answer JSON or
-//! problem+json. Routes: docs/api.md's execute, languages and sessions, plus `/v1/capacity`,
-//! `/v1/drain`, `/healthz`, `/readyz` and `/metrics`.
+//! The agent's HTTP API: decode and validate at the edge, call the agent, answer JSON,
+//! an NDJSON stream (`Accept: application/x-ndjson`) or problem+json; errors become answers in
+//! one place (`ApiError`). Routes: docs/api.md's execute, connect (WebSocket, in `connect`),
+//! languages and sessions, plus `/v1/capacity`, `/v1/drain`, `/healthz`, `/readyz` and
+//! `/metrics`.
 
-use std::sync::atomic::Ordering;
+use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -17,24 +19,42 @@ use tracing::Instrument;
 
 use codefleet_shared::api::object_only::Object;
 use codefleet_shared::auth;
-use codefleet_shared::cluster::QUEUE_WAIT_HEADER;
+use codefleet_shared::cluster::{NOT_STARTED_HEADER, QUEUE_WAIT_HEADER};
+use codefleet_shared::stream::{wants_stream, JobEvent, NDJSON};
 use codefleet_shared::validate::json_depth;
 use codefleet_shared::{CreateSession, ErrorCode, ExecuteRequest, Problem};
 
-use crate::agent::Agent;
+use crate::agent::{Agent, Streaming};
+use crate::error::AgentError;
+use crate::job::Prepared;
+use crate::runner::Target;
 
-/// A problem as an HTTP answer.
-pub struct ApiError(pub Problem);
+/// An error as an HTTP answer: the one place the agent's errors become problem+json. A node's
+/// error for a job that certainly did not start says so (`x-codefleet-not-started: true`), so
+/// a gateway may send the job to another node.
+pub struct ApiError(pub AgentError);
 
 impl From<Problem> for ApiError {
     fn from(p: Problem) -> ApiError {
-        ApiError(p)
+        ApiError(p.into())
+    }
+}
+
+impl From<AgentError> for ApiError {
+    fn from(e: AgentError) -> ApiError {
+        ApiError(e)
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        problem_response(&self.0)
+        let mut response = problem_response(&self.0.problem);
+        if self.0.retry_elsewhere() {
+            response
+                .headers_mut()
+                .insert(NOT_STARTED_HEADER, header::HeaderValue::from_static("true"));
+        }
+        response
     }
 }
 
@@ -46,6 +66,7 @@ pub fn problem_response(p: &Problem) -> Response {
 pub fn router(agent: Arc<Agent>) -> Router {
     let v1 = Router::new()
         .route("/v1/execute", post(execute))
+        .route("/v1/connect", get(crate::connect::connect))
         .route("/v1/languages", get(languages))
         .route("/v1/capacity", get(capacity))
         .route("/v1/drain", post(drain))
@@ -58,9 +79,9 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
-        .fallback(|| async { ApiError(Problem::new(ErrorCode::NotFound, "no such route")) })
+        .fallback(|| async { ApiError::from(Problem::new(ErrorCode::NotFound, "no such route")) })
         .method_not_allowed_fallback(|| async {
-            ApiError(Problem::new(
+            ApiError::from(Problem::new(
                 ErrorCode::MethodNotAllowed,
                 "method not allowed on this route",
             ))
@@ -69,9 +90,9 @@ pub fn router(agent: Arc<Agent>) -> Router {
 }
 
 async fn authorize(State(agent): State<Arc<Agent>>, req: Request, next: Next) -> Response {
-    if let Some(token) = &agent.config.cluster_token {
+    if let Some(token) = &agent.config().cluster_token {
         if !bearer_matches(req.headers(), token) {
-            return ApiError(Problem::new(
+            return ApiError::from(Problem::new(
                 ErrorCode::Unauthorized,
                 "missing or wrong cluster token",
             ))
@@ -95,42 +116,114 @@ pub fn bearer_matches(headers: &HeaderMap, expected: &str) -> bool {
 async fn read_json<T: DeserializeOwned>(agent: &Agent, request: Request) -> Result<T, Problem> {
     codefleet_http_edge::require_json(request.headers())?;
     let (parts, body) = request.into_parts();
-    let bytes = codefleet_http_edge::read_body(&parts.headers, body, agent.config.max_body_bytes)
+    let bytes = codefleet_http_edge::read_body(&parts.headers, body, agent.config().max_body_bytes)
         .await
         .map_err(|e| e.problem())?;
-    let depth = json_depth(&bytes);
-    if depth > agent.config.max_json_depth {
+    parse_json(agent, &bytes)
+}
+
+/// A JSON object within the depth limit (a request body, a WebSocket's first message).
+pub fn parse_json<T: DeserializeOwned>(agent: &Agent, bytes: &[u8]) -> Result<T, Problem> {
+    let depth = json_depth(bytes);
+    let max = agent.config().max_json_depth;
+    if depth > max {
         return Err(Problem::new(
             ErrorCode::InvalidRequest,
-            format!(
-                "JSON nested {depth} deep; at most {} is accepted",
-                agent.config.max_json_depth
-            ),
+            format!("JSON nested {depth} deep; at most {max} is accepted"),
         ));
     }
-    let Object(value) = serde_json::from_slice(&bytes)
+    let Object(value) = serde_json::from_slice(bytes)
         .map_err(|e| Problem::new(ErrorCode::InvalidRequest, format!("invalid JSON body: {e}")))?;
     Ok(value)
 }
 
+/// What an execute request asks beside its body: its arrival, id, queue wait, and whether it
+/// wants the NDJSON stream.
+struct Asked {
+    received: Instant,
+    request_id: Option<String>,
+    wait: Option<Duration>,
+    stream: bool,
+    disconnect: Option<codefleet_http_edge::Disconnect>,
+}
+
+impl Asked {
+    fn of(request: &Request) -> Asked {
+        let accept = request
+            .headers()
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok());
+        Asked {
+            received: Instant::now(),
+            request_id: request_id(request),
+            wait: queue_wait(request.headers()),
+            stream: wants_stream(accept),
+            disconnect: request
+                .extensions()
+                .get::<codefleet_http_edge::Disconnect>()
+                .cloned(),
+        }
+    }
+}
+
 async fn execute(State(agent): State<Arc<Agent>>, request: Request) -> Result<Response, ApiError> {
-    let received = Instant::now();
-    let wait = queue_wait(request.headers());
-    let request_id = request_id(&request);
+    let asked = Asked::of(&request);
     let req: ExecuteRequest = read_json(&agent, request).await?;
-    let prepared = agent.prepare(&req, None)?;
+    let prepared = agent.prepare(&req)?;
     let span =
         tracing::info_span!("execute", node = %agent.node(), language = %prepared.language.name);
-    let mut response = agent
-        .execute(prepared, received, wait)
+    run(&agent, prepared, Target::Pool, asked)
         .instrument(span)
+        .await
+}
+
+/// Runs a validated job and answers: the buffered JSON answer, or the NDJSON stream (`200` as
+/// soon as the job holds a slot; refusals before that are problem+json as ever).
+async fn run(
+    agent: &Arc<Agent>,
+    prepared: Prepared,
+    target: Target,
+    asked: Asked,
+) -> Result<Response, ApiError> {
+    let arrival = (asked.received, asked.request_id);
+    if !asked.stream {
+        let response = agent.execute(prepared, target, arrival, asked.wait).await?;
+        return Ok(Json(response).into_response());
+    }
+    let streaming = agent
+        .execute_streamed(prepared, target, arrival, asked.wait)
         .await?;
-    response.request_id = request_id;
-    Ok(Json(response).into_response())
+    Ok(ndjson(streaming, asked.disconnect))
+}
+
+/// The NDJSON answer of a streamed job: one event per line, as the runner gives them. When the
+/// client stalled (its job was killed), its connection is closed: hyper alone would wait on a
+/// socket that never drains.
+fn ndjson(streaming: Streaming, disconnect: Option<codefleet_http_edge::Disconnect>) -> Response {
+    let Streaming { events, task, .. } = streaming;
+    tokio::spawn(async move {
+        if task.await.unwrap_or(true) {
+            if let Some(disconnect) = disconnect {
+                disconnect.now();
+            }
+        }
+    });
+    let lines = futures_util::stream::unfold(events, |mut events| async move {
+        let event: JobEvent = events.recv().await?;
+        Some((
+            Ok::<_, Infallible>(bytes::Bytes::from(event.to_line())),
+            events,
+        ))
+    });
+    (
+        [(header::CONTENT_TYPE, NDJSON)],
+        axum::body::Body::from_stream(lines),
+    )
+        .into_response()
 }
 
 /// The id the edge gave the request (`None` when the router is called without the edge).
-fn request_id(request: &Request) -> Option<String> {
+pub fn request_id(request: &Request) -> Option<String> {
     let id = request
         .extensions()
         .get::<codefleet_http_edge::RequestId>()?;
@@ -158,7 +251,7 @@ async fn capacity(State(agent): State<Arc<Agent>>) -> Response {
 }
 
 async fn drain(State(agent): State<Arc<Agent>>) -> Response {
-    agent.draining.store(true, Ordering::SeqCst);
+    agent.lifecycle().drain();
     tracing::info!(node = %agent.node(), "draining: no new work");
     StatusCode::ACCEPTED.into_response()
 }
@@ -177,9 +270,7 @@ async fn session_execute(
     Path(id): Path<String>,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let received = Instant::now();
-    let wait = queue_wait(request.headers());
-    let request_id = request_id(&request);
+    let asked = Asked::of(&request);
     let req: ExecuteRequest = read_json(&agent, request).await?;
     if req.language.is_some() || req.version.is_some() {
         return Err(Problem::new(
@@ -188,20 +279,16 @@ async fn session_execute(
         )
         .into());
     }
+    let (prepared, target) = agent.prepare_in_session(&id, &req)?;
     let span = tracing::info_span!("session_execute", node = %agent.node(), session = %id);
-    let mut response = agent
-        .session_execute(&id, req, received, wait)
-        .instrument(span)
-        .await?;
-    response.request_id = request_id;
-    Ok(Json(response).into_response())
+    run(&agent, prepared, target, asked).instrument(span).await
 }
 
 async fn delete_session(
     State(agent): State<Arc<Agent>>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    agent.delete_session(&id).await?;
+    agent.sessions().close(&id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -209,14 +296,14 @@ async fn readyz(State(agent): State<Arc<Agent>>) -> Response {
     if agent.is_ready() {
         "ready".into_response()
     } else {
-        let why = if !agent.docker_ok.load(Ordering::SeqCst) {
+        let why = if !agent.lifecycle().docker_ok() {
             "docker is unreachable"
-        } else if agent.draining.load(Ordering::SeqCst) {
+        } else if agent.lifecycle().draining() {
             "draining"
         } else {
             "starting"
         };
-        ApiError(Problem::new(ErrorCode::NoCapacity, why)).into_response()
+        ApiError::from(Problem::new(ErrorCode::NoCapacity, why)).into_response()
     }
 }
 

@@ -1,27 +1,38 @@
 //! codefleet node agent: owns one Docker engine, prepares language images, keeps warm sandboxes
 //! and sessions, runs jobs with limits, and reports its capacity to gateways.
 //!
-//! Layout: `config` (flags), `catalog` (languages), `images` (recipes and tags), `docker` (the
-//! only module that talks to Docker), `sandbox` (one container and its supervisor channel),
-//! `pool` (warm sandboxes and their sizing policy), `agent` (state and the job path),
-//! `sessions`, `http` (the API), `report` (capacity reports), `telemetry`.
+//! Layout (ARCHITECTURE.md has the map and the one way dependencies go): `config` (flags),
+//! `catalog` (languages), `images` (recipes and tags), `docker` (the only module that talks to
+//! Docker), `sandbox` (one container and its supervisor channel), `pool` (warm sandboxes and
+//! their sizing policy), `registry` (image states, language resolution), `lifecycle`, `slots`,
+//! `sandboxes` (pools, starts, resets, refills), `sessions`, `job` (a validated job),
+//! `runner` (the one job path, buffered or streamed), `error` (the agent's error type),
+//! `agent` (the parts put together), `http` and `connect` (the API, the WebSocket), `report`
+//! (capacity reports), `telemetry`.
 #![forbid(unsafe_code)]
 
 pub mod agent;
 pub mod catalog;
 pub mod config;
+pub mod connect;
 pub mod docker;
+pub mod error;
 pub mod http;
 pub mod images;
+pub mod job;
 pub mod lease;
+pub mod lifecycle;
 pub mod pool;
+pub mod registry;
 pub mod report;
+pub mod runner;
 pub mod sandbox;
+pub mod sandboxes;
 pub mod sessions;
+pub mod slots;
 pub mod telemetry;
 
 use std::future::Future;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -52,15 +63,14 @@ pub fn build(config: Config) -> anyhow::Result<Arc<Agent>> {
     )?;
     let docker = Docker::connect().context("connecting to Docker")?;
     let (reaper, _) = Reaper::start(docker.clone());
-    let mut agent = Agent::new(
+    let agent = Agent::new(
         config,
         catalog,
         docker,
         reaper,
         supervisor.to_string_lossy().into_owned(),
     );
-    agent.lease = Some(lease);
-    Ok(Arc::new(agent))
+    Ok(Arc::new(agent.with_lease(lease)))
 }
 
 /// Serves the agent API on `listener` until `shutdown` resolves, then drains (in-flight jobs
@@ -86,8 +96,8 @@ pub async fn run(
     let tasks = vec![
         tokio::spawn(startup(agent.clone())),
         tokio::spawn(health_loop(agent.clone())),
-        tokio::spawn(agent.clone().refill_loop()),
-        tokio::spawn(agent.clone().expire_sessions_loop()),
+        tokio::spawn(agent.sandboxes().clone().refill_loop()),
+        tokio::spawn(agent.sessions().clone().expire_loop()),
         tokio::spawn(report::report_loop(agent.clone())),
     ];
 
@@ -95,13 +105,13 @@ pub async fn run(
     let draining = agent.clone();
     let graceful = async move {
         shutdown.await;
-        draining.draining.store(true, Ordering::SeqCst);
+        draining.lifecycle().drain();
         tracing::info!(node = %draining.node(), "shutting down: draining in-flight jobs");
         let _ = stop_tx.send(true);
     };
     let app = http::router(agent.clone());
-    let server = codefleet_http_edge::serve(listener, app, agent.config.edge_limits(), graceful);
-    let grace = Duration::from_secs(agent.config.grace_s);
+    let server = codefleet_http_edge::serve(listener, app, agent.config().edge_limits(), graceful);
+    let grace = Duration::from_secs(agent.config().grace_s);
     tokio::select! {
         () = server => {}
         _ = async {
@@ -110,7 +120,7 @@ pub async fn run(
         } => tracing::warn!(?grace, "grace period over; stopping with jobs still running"),
     }
     // Tell gateways we are going, then clean up everything this node owns.
-    if !agent.config.gateways.is_empty() {
+    if !agent.config().gateways.is_empty() {
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(1))
             .build()?;
@@ -127,7 +137,7 @@ pub async fn run(
 /// Waits for Docker, removes what an earlier run of this node left behind, then prepares images.
 async fn startup(agent: Arc<Agent>) {
     loop {
-        match agent.docker.ping().await {
+        match agent.docker().ping().await {
             Ok(()) => break,
             Err(e) => {
                 tracing::warn!(error = %e, "docker unreachable; retrying");
@@ -135,8 +145,8 @@ async fn startup(agent: Arc<Agent>) {
             }
         }
     }
-    agent.docker_ok.store(true, Ordering::SeqCst);
-    match remove_owned(&agent.docker, agent.node()).await {
+    agent.lifecycle().set_docker_ok(true);
+    match remove_owned(agent.docker(), agent.node()).await {
         Ok(0) => {}
         Ok(n) => {
             tracing::info!(node = %agent.node(), removed = n, "removed containers an earlier run left behind")
@@ -144,18 +154,18 @@ async fn startup(agent: Arc<Agent>) {
         Err(e) => tracing::error!(error = %e, "could not list this node's old containers"),
     }
     // The sockets of those containers went with them.
-    if let Some(dir) = agent.config.channel_root() {
+    if let Some(dir) = agent.config().channel_root() {
         let _ = std::fs::remove_dir_all(dir);
     }
-    agent.started.store(true, Ordering::SeqCst);
+    agent.lifecycle().set_started();
     agent.prepare_all().await;
 }
 
 async fn health_loop(agent: Arc<Agent>) {
     loop {
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let ok = agent.docker.ping().await.is_ok();
-        if ok != agent.docker_ok.swap(ok, Ordering::SeqCst) {
+        let ok = agent.docker().ping().await.is_ok();
+        if agent.lifecycle().set_docker_ok(ok) {
             tracing::warn!(reachable = ok, "docker reachability changed");
         }
     }
@@ -173,17 +183,17 @@ pub async fn remove_owned(docker: &Docker, node: &str) -> Result<usize, docker::
     Ok(ids.len())
 }
 
-/// Drops pools and sessions and sweeps until no container of this node is left (a start that
-/// was under way may land a moment later, hence the repeat).
+/// Stops pool starts and resets (waiting for them), drops pools and sessions, and sweeps until
+/// no container of this node is left (a create cut off by the stop may still land, hence the
+/// repeat).
 async fn cleanup(agent: &Agent) {
-    drop(agent.pools.drain());
-    drop(agent.sessions.drain());
-    if let Some(dir) = agent.config.channel_root() {
+    drop(agent.shutdown_sandboxes().await);
+    if let Some(dir) = agent.config().channel_root() {
         let _ = std::fs::remove_dir_all(dir);
     }
     let mut quiet_rounds = 0;
     for _ in 0..20 {
-        match remove_owned(&agent.docker, agent.node()).await {
+        match remove_owned(agent.docker(), agent.node()).await {
             Ok(0) => quiet_rounds += 1,
             Ok(_) => quiet_rounds = 0,
             Err(e) => tracing::warn!(error = %e, "cleanup sweep failed"),
@@ -200,9 +210,13 @@ async fn cleanup(agent: &Agent) {
 pub async fn prepare_images(mut config: Config) -> anyhow::Result<bool> {
     config.node_id = format!("prepare-{}", std::process::id());
     let agent = build(config)?;
-    agent.docker.ping().await.context("Docker is unreachable")?;
-    agent.docker_ok.store(true, Ordering::SeqCst);
-    agent.started.store(true, Ordering::SeqCst);
+    agent
+        .docker()
+        .ping()
+        .await
+        .context("Docker is unreachable")?;
+    agent.lifecycle().set_docker_ok(true);
+    agent.lifecycle().set_started();
     agent.prepare_all().await;
     let mut all = true;
     for lang in agent.languages() {

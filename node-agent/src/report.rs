@@ -12,7 +12,7 @@ use crate::agent::Agent;
 pub async fn report_once(agent: &Agent, client: &reqwest::Client) {
     let report = agent.capacity();
     let sends = agent
-        .config
+        .config()
         .gateways
         .iter()
         .map(|gateway| send(agent, client, gateway, &report));
@@ -22,7 +22,7 @@ pub async fn report_once(agent: &Agent, client: &reqwest::Client) {
 async fn send(agent: &Agent, client: &reqwest::Client, gateway: &str, report: &CapacityReport) {
     let url = format!("{}/v1/internal/reports", gateway.trim_end_matches('/'));
     let mut req = client.post(&url).json(report);
-    if let Some(token) = &agent.config.cluster_token {
+    if let Some(token) = &agent.config().cluster_token {
         req = req.bearer_auth(token);
     }
     match req.send().await {
@@ -37,14 +37,14 @@ async fn send(agent: &Agent, client: &reqwest::Client, gateway: &str, report: &C
 /// Reports every `report_interval_ms` until aborted: one loop per gateway, so a gateway that is
 /// gone (whose name may take seconds to fail to resolve) never delays the reports to the others.
 pub async fn report_loop(agent: Arc<Agent>) {
-    let interval = Duration::from_millis(agent.config.report_interval_ms.max(50));
+    let interval = Duration::from_millis(agent.config().report_interval_ms.max(50));
     // A report older than an interval is stale: never wait on one longer than that (at least
     // a second, for a gateway that is slow but alive).
     let client = reqwest::Client::builder()
         .timeout(interval.max(Duration::from_secs(1)))
         .build()
         .expect("a plain HTTP client always builds");
-    let loops = agent.config.gateways.iter().map(|gateway| {
+    let loops = agent.config().gateways.iter().map(|gateway| {
         let (agent, client, gateway) = (Arc::clone(&agent), client.clone(), gateway.clone());
         async move {
             let mut tick = tokio::time::interval(interval);

@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
 use futures_util::{FutureExt, StreamExt};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -17,6 +18,34 @@ use codefleet_shared::sandbox::{
 };
 
 use crate::docker::{Docker, DockerError, SandboxSpec};
+
+/// What a caller sends a running job (an interactive or streaming one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Control {
+    Stdin(Vec<u8>),
+    CloseStdin,
+    /// A signal number for every process of the running stage.
+    Signal(i32),
+}
+
+/// A caller's two ends on a running job: the supervisor's `accepted`, `stage_started`, `output`
+/// and `stage_finished` events as they come (a bounded channel: a caller that does not keep up
+/// holds the job's output back; one that drops its receiver has the job killed, and `run` then
+/// collects its result), and controls for the job (stdin, EOF, signals).
+pub struct Live<'a> {
+    pub events: mpsc::Sender<Event>,
+    pub control: &'a mut mpsc::Receiver<Control>,
+}
+
+/// What `Sandbox::run` woke up for.
+enum Step {
+    Event(Result<Event, SandboxError>),
+    Control(Option<Control>),
+    CallerGone,
+}
+
+/// SIGKILL, sent to a job whose caller went away.
+const SIGKILL: i32 = 9;
 
 /// The supervisor's output: chunks of newline-delimited JSON events.
 type Output =
@@ -282,11 +311,13 @@ impl Sandbox {
         }
     }
 
-    /// Runs a job and waits for its outcome, at most `within`.
+    /// Runs a job and waits for its outcome, at most `within`. With `live`, the job's progress
+    /// events go to the caller as they come, and its controls to the job, until its result.
     pub async fn run(
         &mut self,
         job: Job,
         within: Duration,
+        mut live: Option<Live<'_>>,
     ) -> Result<Vec<StageOutcome>, SandboxError> {
         self.settle().await?;
         if !self.alive() {
@@ -301,13 +332,42 @@ impl Sandbox {
             }
             Err(e) => return Err(e),
         }
+        let by = Instant::now() + within;
         self.owed = Owed::Answer {
             job: Some(id.clone()),
-            by: Instant::now() + within,
+            by,
         };
         let mut accepted = false;
+        let mut controls_open = true;
         loop {
-            let event = match self.next_event(within).await {
+            let left = by.saturating_duration_since(Instant::now());
+            let step = match live.as_mut() {
+                Some(l) => tokio::select! {
+                    biased;
+                    event = self.next_event(left) => Step::Event(event),
+                    control = l.control.recv(), if controls_open => Step::Control(control),
+                    () = l.events.closed() => Step::CallerGone,
+                },
+                None => Step::Event(self.next_event(left).await),
+            };
+            let next = match step {
+                Step::Event(event) => event,
+                Step::Control(Some(control)) => {
+                    self.control(&id, control).await?;
+                    continue;
+                }
+                Step::Control(None) => {
+                    controls_open = false;
+                    continue;
+                }
+                Step::CallerGone => {
+                    // End the job; its result still comes.
+                    live = None;
+                    self.control(&id, Control::Signal(SIGKILL)).await?;
+                    continue;
+                }
+            };
+            let event = match next {
                 Ok(event) => event,
                 // Gone before it said it took the job: the job did not start.
                 Err(SandboxError::Lost) if !accepted => {
@@ -318,7 +378,19 @@ impl Sandbox {
                 Err(e) => return Err(e),
             };
             match event {
-                Event::Accepted { id: got } if got == id => accepted = true,
+                Event::Accepted { id: ref got }
+                | Event::StageStarted { id: ref got, .. }
+                | Event::Output { id: ref got, .. }
+                | Event::StageFinished { id: ref got, .. }
+                    if *got == id =>
+                {
+                    accepted = true;
+                    let Some(l) = &live else { continue };
+                    if l.events.send(event).await.is_err() {
+                        live = None;
+                        self.control(&id, Control::Signal(SIGKILL)).await?;
+                    }
+                }
                 Event::Result { id: got, stages } if got == id => {
                     self.owed = Owed::Nothing;
                     return Ok(stages);
@@ -331,6 +403,23 @@ impl Sandbox {
                 other => tracing::debug!(event = ?other, "ignoring stale sandbox event"),
             }
         }
+    }
+
+    /// Sends a running job `id` a control, keeping what the supervisor owes.
+    async fn control(&mut self, id: &str, control: Control) -> Result<(), SandboxError> {
+        let id = id.to_string();
+        let command = match control {
+            Control::Stdin(data) => Command::Stdin {
+                id,
+                data_b64: base64::engine::general_purpose::STANDARD.encode(data),
+            },
+            Control::CloseStdin => Command::CloseStdin { id },
+            Control::Signal(signal) => Command::Signal { id, signal },
+        };
+        let owed = std::mem::replace(&mut self.owed, Owed::Nothing);
+        self.send(&command).await?;
+        self.owed = owed;
+        Ok(())
     }
 
     /// Resets the sandbox for another job.

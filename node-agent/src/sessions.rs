@@ -1,11 +1,12 @@
 //! Persistent sandboxes: one dedicated container per session, kept between executions (files
-//! stay; processes do not outlive an execution) until `DELETE` or the idle TTL.
+//! stay; processes do not outlive an execution) until `DELETE` or the idle TTL. This module
+//! holds the sessions; creating one and running in one are the agent's and the runner's.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use codefleet_shared::ResolvedLimits;
+use codefleet_shared::{ErrorCode, Problem, ResolvedLimits};
 
 use crate::catalog::Language;
 use crate::sandbox::Sandbox;
@@ -89,15 +90,43 @@ impl Sessions {
             return Err(session);
         }
         map.insert(session.id.clone(), session);
+        metrics::gauge!("codefleet_sessions").set(map.len() as f64);
         Ok(())
     }
 
-    pub fn get(&self, id: &str) -> Option<Arc<Session>> {
-        self.map.lock().expect("sessions lock").get(id).cloned()
+    /// The session `id`, or 404.
+    pub fn get(&self, id: &str) -> Result<Arc<Session>, Problem> {
+        let map = self.map.lock().expect("sessions lock");
+        map.get(id).cloned().ok_or_else(|| Sessions::not_found(id))
     }
 
     pub fn remove(&self, id: &str) -> Option<Arc<Session>> {
-        self.map.lock().expect("sessions lock").remove(id)
+        let mut map = self.map.lock().expect("sessions lock");
+        let removed = map.remove(id);
+        metrics::gauge!("codefleet_sessions").set(map.len() as f64);
+        removed
+    }
+
+    /// Removes session `id` and its container, after an execution under way in it.
+    pub async fn close(&self, id: &str) -> Result<(), Problem> {
+        let session = self.remove(id).ok_or_else(|| Sessions::not_found(id))?;
+        session.sandbox.lock().await.take();
+        Ok(())
+    }
+
+    /// Removes idle sessions; runs until aborted.
+    pub async fn expire_loop(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            for session in self.take_expired(Instant::now()) {
+                tracing::info!(session = %session.id, "session expired");
+                session.sandbox.lock().await.take();
+            }
+        }
+    }
+
+    pub fn not_found(id: &str) -> Problem {
+        Problem::new(ErrorCode::NotFound, format!("no session {id:?}"))
     }
 
     /// Takes out the sessions idle past their TTL (dropping them removes their containers).
@@ -163,171 +192,5 @@ mod tests {
                 want
             );
         }
-    }
-}
-
-mod ops {
-    //! The session operations of the agent.
-    use std::sync::Arc;
-    use std::time::{Duration, Instant};
-
-    use codefleet_shared::ids::{NodeId, SessionId};
-    use codefleet_shared::validate::resolve_limits;
-    use codefleet_shared::{
-        CreateSession, ErrorCode, ExecuteRequest, ExecuteResponse, LanguageRef, Problem,
-        SessionInfo,
-    };
-
-    use super::{rfc3339, Session};
-    use crate::agent::{job_deadline, respond, Agent};
-
-    impl Agent {
-        pub async fn create_session(
-            self: &Arc<Self>,
-            req: CreateSession,
-        ) -> Result<SessionInfo, Problem> {
-            if self.draining.load(std::sync::atomic::Ordering::SeqCst) {
-                return Err(Problem::new(
-                    ErrorCode::NoCapacity,
-                    format!("node {} is draining", self.node()),
-                ));
-            }
-            let (language, version, _) =
-                self.resolve_language(req.language.as_deref(), req.version.as_deref())?;
-            let limits = resolve_limits(
-                req.limits.as_ref(),
-                &self.config.default_limits(),
-                &self.config.max_limits(),
-            )?;
-            let ttl_s = req.ttl_s.unwrap_or(self.config.session_ttl_s);
-            if ttl_s == 0 || ttl_s > self.config.session_max_ttl_s {
-                return Err(Problem::new(
-                    if ttl_s == 0 {
-                        ErrorCode::InvalidRequest
-                    } else {
-                        ErrorCode::LimitExceedsMax
-                    },
-                    format!(
-                        "ttl_s must be between 1 and {}",
-                        self.config.session_max_ttl_s
-                    ),
-                ));
-            }
-            if !self.sessions.has_room() {
-                return Err(Problem::new(
-                    ErrorCode::NoCapacity,
-                    format!("node {} holds its maximum of sessions", self.node()),
-                ));
-            }
-            let key = self.pool_key(&language.name, limits.memory_bytes);
-            let sandbox = self.start_sandbox(&key, "session").await.map_err(|e| {
-                tracing::error!(error = %e, "starting a session sandbox failed");
-                Problem::new(
-                    ErrorCode::Internal,
-                    format!("could not start the session's sandbox: {e}"),
-                )
-            })?;
-            let node = NodeId::parse(self.node())
-                .map_err(|e| Problem::new(ErrorCode::Internal, format!("this node's id: {e}")))?;
-            let id = SessionId::new(node, rand::random()).to_string();
-            let session = Arc::new(Session::new(
-                id.clone(),
-                language,
-                version,
-                limits,
-                Duration::from_secs(ttl_s),
-                sandbox,
-            ));
-            let info = SessionInfo {
-                id,
-                language: LanguageRef {
-                    name: session.language.name.clone(),
-                    version: session.version.clone(),
-                },
-                node: self.node().to_string(),
-                expires_at: rfc3339(session.expires_at()),
-            };
-            self.sessions.insert(session).map_err(|_| {
-                Problem::new(
-                    ErrorCode::NoCapacity,
-                    format!("node {} holds its maximum of sessions", self.node()),
-                )
-            })?;
-            metrics::gauge!("codefleet_sessions").set(self.sessions.len() as f64);
-            Ok(info)
-        }
-
-        pub async fn session_execute(
-            self: &Arc<Self>,
-            id: &str,
-            req: ExecuteRequest,
-            received: Instant,
-            wait: Option<Duration>,
-        ) -> Result<ExecuteResponse, Problem> {
-            let session = self.sessions.get(id).ok_or_else(|| not_found(id))?;
-            let prepared = self.prepare(&req, Some((&session.language, &session.version)))?;
-            if prepared.limits.memory_bytes > session.limits.memory_bytes {
-                return Err(Problem::new(
-                    ErrorCode::LimitExceedsMax,
-                    format!(
-                        "limits.memory_bytes is above this session's {}",
-                        session.limits.memory_bytes
-                    ),
-                ));
-            }
-            let slot = self.take_slot(wait).await?;
-            let queued = received.elapsed();
-            let mut guard = session.sandbox.lock().await;
-            let Some(sandbox) = guard.as_mut() else {
-                return Err(not_found(id));
-            };
-            let job = self.job(&prepared, sandbox.uid);
-            let job_id = job.id.clone();
-            let outcome = sandbox.run(job, job_deadline(&prepared.limits)).await;
-            drop(slot);
-            session.touch();
-            Ok(match outcome {
-                Ok(stages) => respond(
-                    self,
-                    job_id,
-                    &prepared,
-                    stages,
-                    (received, queued),
-                    "session",
-                ),
-                Err(e) => {
-                    // The session's sandbox is gone; so is the session.
-                    let sandbox = guard.take().expect("checked above");
-                    self.sessions.remove(id);
-                    metrics::gauge!("codefleet_sessions").set(self.sessions.len() as f64);
-                    let timing = (received, queued);
-                    self.sandbox_failed(sandbox, job_id, &prepared, timing, &e)
-                        .await
-                }
-            })
-        }
-
-        pub async fn delete_session(&self, id: &str) -> Result<(), Problem> {
-            let session = self.sessions.remove(id).ok_or_else(|| not_found(id))?;
-            // Dropping the sandbox removes the container; wait for a running execution first.
-            session.sandbox.lock().await.take();
-            metrics::gauge!("codefleet_sessions").set(self.sessions.len() as f64);
-            Ok(())
-        }
-
-        /// Removes idle sessions; runs until aborted.
-        pub async fn expire_sessions_loop(self: Arc<Self>) {
-            loop {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                for session in self.sessions.take_expired(Instant::now()) {
-                    tracing::info!(session = %session.id, "session expired");
-                    session.sandbox.lock().await.take();
-                }
-            }
-        }
-    }
-
-    fn not_found(id: &str) -> Problem {
-        Problem::new(ErrorCode::NotFound, format!("no session {id:?}"))
     }
 }

@@ -122,6 +122,12 @@ pub enum Event {
         offset: u64,
         data_b64: String,
     },
+    /// A stage of a streaming job ended: its outcome, with empty `stdout` and `stderr` (they
+    /// came as `Output`; the truncated flags are set).
+    StageFinished {
+        id: String,
+        outcome: StageOutcome,
+    },
     /// A job's outcome; one result per stage that ran.
     Result {
         id: String,

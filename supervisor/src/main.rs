@@ -12,37 +12,45 @@
 //! read-only into each container.
 
 mod cgroup;
+mod channel;
 mod reset;
 mod run;
 mod sys;
 
-use std::io::{self, BufRead, Write};
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use codefleet_shared::sandbox::{Command, Event, CHANNEL_ENV, PROTOCOL_VERSION};
 
-fn send(out: &mut impl Write, event: &Event) -> io::Result<()> {
-    let mut line = serde_json::to_vec(event).expect("events always serialize");
-    line.push(b'\n');
-    out.write_all(&line)?;
-    out.flush()
-}
+use crate::channel::Channel;
 
 fn main() {
     sys::set_non_dumpable();
     let cgroup = cgroup::Cgroup::detect();
     // The channel: a unix socket the agent bound in a directory only root can enter (set up
     // once at container start), or else the container's attached stdin and stdout.
-    let (input, mut out): (Box<dyn BufRead>, Box<dyn Write>) = match std::env::var_os(CHANNEL_ENV) {
-        Some(path) => match UnixStream::connect(&path).and_then(|s| Ok((s.try_clone()?, s))) {
-            Ok((read, write)) => (Box::new(io::BufReader::new(read)), Box::new(write)),
-            Err(e) => {
-                eprintln!("codefleet-supervisor: cannot connect to {path:?}: {e}");
-                return;
-            }
-        },
-        None => (Box::new(io::stdin().lock()), Box::new(io::stdout().lock())),
+    let opened: io::Result<(OwnedFd, Box<dyn io::Write>)> = match std::env::var_os(CHANNEL_ENV) {
+        Some(path) => UnixStream::connect(&path)
+            .and_then(|s| {
+                Ok((
+                    OwnedFd::from(s.try_clone()?),
+                    Box::new(s) as Box<dyn io::Write>,
+                ))
+            })
+            .map_err(|e| io::Error::other(format!("cannot connect to {path:?}: {e}"))),
+        None => io::stdin()
+            .as_fd()
+            .try_clone_to_owned()
+            .map(|fd| (fd, Box::new(io::stdout().lock()) as Box<dyn io::Write>)),
+    };
+    let mut chan = match opened {
+        Ok((input, out)) => Channel::new(input, out),
+        Err(e) => {
+            eprintln!("codefleet-supervisor: {e}");
+            return;
+        }
     };
     let sigchld = match sys::sigchld_fd() {
         Ok(fd) => fd,
@@ -56,34 +64,31 @@ fn main() {
         cgroup: cgroup.version.to_string(),
     };
     let ctx = run::Context { cgroup, sigchld };
-    if send(&mut out, &hello).is_err() {
+    if chan.send(&hello).is_err() {
         return;
     }
     let mut last_user = None;
-    for line in input.lines() {
-        let Ok(line) = line else { break };
-        if line.trim().is_empty() {
-            continue;
-        }
-        let events = match serde_json::from_str::<Command>(&line) {
-            Ok(Command::Ping) => vec![Event::Pong],
-            Ok(Command::Reset) => vec![match last_user {
+    while let Some(command) = chan.next() {
+        let event = match command {
+            Ok(Command::Ping) => Event::Pong,
+            Ok(Command::Reset) => match last_user {
                 Some((uid, gid)) => reset_event(uid, gid),
                 None => Event::Ready,
-            }],
+            },
             // Between jobs there is no stage to feed or signal.
             Ok(Command::Stdin { .. } | Command::CloseStdin { .. } | Command::Signal { .. }) => {
-                vec![]
+                continue
             }
             Ok(Command::Job(job)) => {
                 // Before anything of the job happens: until the agent has read this, it knows
                 // the job did not start and may run it elsewhere if this sandbox dies.
                 let accepted = Event::Accepted { id: job.id.clone() };
-                if send(&mut out, &accepted).is_err() {
+                if chan.send(&accepted).is_err() {
                     break;
                 }
                 last_user = Some((job.uid, job.gid));
-                let result = match run::run_job(&job, &ctx) {
+                // Answer first, so the reset is off the caller's path.
+                match run::run_job(&job, &ctx, &mut chan) {
                     Ok(stages) => Event::Result {
                         id: job.id.clone(),
                         stages,
@@ -92,21 +97,12 @@ fn main() {
                         id: job.id.clone(),
                         message,
                     },
-                };
-                // Answer first, so the reset is off the caller's path.
-                if send(&mut out, &result).is_err() {
-                    break;
                 }
-                continue;
             }
-            Err(e) => vec![Event::ResetFailed {
-                message: format!("unreadable command: {e}"),
-            }],
+            Err(message) => Event::ResetFailed { message },
         };
-        for event in &events {
-            if send(&mut out, event).is_err() {
-                return shutdown();
-            }
+        if chan.is_closed() || chan.send(&event).is_err() {
+            break;
         }
     }
     shutdown();

@@ -1,5 +1,9 @@
 //! Running one job: write its files as the job user, then run each stage as the job user with
 //! rlimits, feeding stdin, capping output, and killing everything at the wall or CPU limit.
+//! While a stage runs the channel is polled beside its pipes: an interactive stage is fed the
+//! agent's `stdin` commands, `signal` reaches its processes, and a streaming job's output goes
+//! out as `output` events as it is read (a blocked channel blocks the stage's output in turn:
+//! the agent bounds how long).
 
 use std::ffi::CString;
 use std::fs;
@@ -10,10 +14,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use codefleet_shared::sandbox::{Job, SandboxFile, Stage, StageOutcome};
+use codefleet_shared::sandbox::{Command, Event, Job, SandboxFile, Stage, StageOutcome};
+use codefleet_shared::stream::{OutputStream, CHUNK_BYTES};
 use codefleet_shared::{StageResult, Status};
 
 use crate::cgroup::Cgroup;
+use crate::channel::Channel;
 use crate::reset::kill_and_reap;
 use crate::sys;
 
@@ -26,8 +32,68 @@ pub struct Context {
     pub sigchld: OwnedFd,
 }
 
+/// Pending standard input of an interactive stage is capped here: bytes the agent sends beyond
+/// it, before the program has read what came earlier, are dropped.
+const STDIN_PENDING_MAX: usize = 1 << 20;
+
+/// The signals a job may be sent on the agent's behalf.
+const SIGNALS: &[i32] = &[
+    libc::SIGKILL,
+    libc::SIGTERM,
+    libc::SIGINT,
+    libc::SIGQUIT,
+    libc::SIGHUP,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+];
+
+/// The events of one stage of a streaming job, sent as they happen. A send that fails means
+/// the agent is gone: the stage is then killed.
+struct Streamer<'a> {
+    chan: &'a mut Channel,
+    job: &'a str,
+    stage: &'a str,
+    enabled: bool,
+    /// Bytes sent so far on stdout and stderr.
+    offsets: [u64; 2],
+}
+
+impl Streamer<'_> {
+    fn event(&mut self, event: impl FnOnce(String) -> Event) -> bool {
+        !self.enabled || self.chan.send(&event(self.job.to_string())).is_ok()
+    }
+
+    /// Sends `data` of `stream`, in chunks of at most `CHUNK_BYTES`.
+    fn output(&mut self, stream: OutputStream, data: &[u8]) -> bool {
+        if !self.enabled {
+            return true;
+        }
+        let index = usize::from(stream == OutputStream::Stderr);
+        for chunk in data.chunks(CHUNK_BYTES) {
+            let event = Event::Output {
+                id: self.job.to_string(),
+                stage: self.stage.to_string(),
+                stream,
+                offset: self.offsets[index],
+                data_b64: base64::engine::general_purpose::STANDARD.encode(chunk),
+            };
+            self.offsets[index] += chunk.len() as u64;
+            if self.chan.send(&event).is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// A stage that ended before its program ran: its message streamed as its stderr.
+    fn failed_before_start(&mut self, exit_code: i32, why: &str) -> StageOutcome {
+        self.output(OutputStream::Stderr, why.as_bytes());
+        failed_before_start(self.stage, exit_code, why)
+    }
+}
+
 /// Runs `job`; `Err` means the sandbox itself failed (not the program).
-pub fn run_job(job: &Job, ctx: &Context) -> Result<Vec<StageOutcome>, String> {
+pub fn run_job(job: &Job, ctx: &Context, chan: &mut Channel) -> Result<Vec<StageOutcome>, String> {
     sys::become_user(job.uid, job.gid).map_err(|e| format!("switching to the job user: {e}"))?;
     let written = write_files(&job.files);
     sys::restore_root().map_err(|e| format!("switching back to root: {e}"))?;
@@ -36,13 +102,48 @@ pub fn run_job(job: &Job, ctx: &Context) -> Result<Vec<StageOutcome>, String> {
         // The work dir is the job's own (a session's earlier executions shaped it): a file that
         // cannot be written there is the job's failure, reported like a program's.
         // Reported as the run stage, whatever stages the job has: nothing of it ran.
-        Err(WriteError::Blocked(why)) => return Ok(vec![failed_before_start("run", 1, &why)]),
+        Err(WriteError::Blocked(why)) => {
+            let mut streamer = Streamer {
+                chan,
+                job: &job.id,
+                stage: "run",
+                enabled: job.stream,
+                offsets: [0, 0],
+            };
+            streamer.event(|id| Event::StageStarted {
+                id,
+                stage: "run".into(),
+            });
+            let outcome = streamer.failed_before_start(1, &why);
+            streamer.event(|id| finished(id, &outcome));
+            return Ok(vec![outcome]);
+        }
         Err(WriteError::Internal(why)) => return Err(why),
     }
 
+    // The `stdin` commands for the job's interactive stage, from whenever they arrive.
+    let mut feed = StdinFeed {
+        pending: Vec::new(),
+        open: job.stages.iter().any(|s| s.interactive),
+    };
     let mut outcomes = Vec::with_capacity(job.stages.len());
     for stage in &job.stages {
-        let outcome = run_stage(job, stage, ctx)?;
+        let mut streamer = Streamer {
+            chan: &mut *chan,
+            job: &job.id,
+            stage: &stage.name,
+            enabled: job.stream,
+            offsets: [0, 0],
+        };
+        let name = stage.name.clone();
+        if !streamer.event(|id| Event::StageStarted { id, stage: name }) {
+            return Err("the agent went away".to_string());
+        }
+        let outcome = run_stage(job, stage, ctx, &mut streamer, &mut feed)?;
+        streamer.event(|id| finished(id, &outcome));
+        if chan.is_closed() {
+            return Err("the agent went away".to_string());
+        }
         let failed = outcome.result.status != Status::Ok;
         outcomes.push(outcome);
         if failed {
@@ -50,6 +151,14 @@ pub fn run_job(job: &Job, ctx: &Context) -> Result<Vec<StageOutcome>, String> {
         }
     }
     Ok(outcomes)
+}
+
+/// A `stage_finished` event: the outcome without the output the stage streamed.
+fn finished(id: String, outcome: &StageOutcome) -> Event {
+    let mut outcome = outcome.clone();
+    outcome.result.stdout.clear();
+    outcome.result.stderr.clear();
+    Event::StageFinished { id, outcome }
 }
 
 /// Why the job's files could not be written.
@@ -195,8 +304,16 @@ impl Capture {
         }
     }
 
-    /// Reads what is available; returns true when the cap was exceeded.
-    fn pump(&mut self, buf: &mut [u8]) -> bool {
+    /// Reads what is available, streaming what it keeps; returns true when the cap was
+    /// exceeded (or the agent is gone: the stage must end either way).
+    fn pump(&mut self, buf: &mut [u8], streamer: &mut Streamer, stream: OutputStream) -> bool {
+        let before = self.data.len();
+        let over = self.read_available(buf);
+        let streamed = streamer.output(stream, &self.data[before..]);
+        over || !streamed
+    }
+
+    fn read_available(&mut self, buf: &mut [u8]) -> bool {
         let Some(fd) = &self.fd else { return false };
         loop {
             match sys::read(fd, buf) {
@@ -235,7 +352,13 @@ enum Kill {
     Output,
 }
 
-fn run_stage(job: &Job, stage: &Stage, ctx: &Context) -> Result<StageOutcome, String> {
+fn run_stage(
+    job: &Job,
+    stage: &Stage,
+    ctx: &Context,
+    streamer: &mut Streamer,
+    feed: &mut StdinFeed,
+) -> Result<StageOutcome, String> {
     let cgroup = &ctx.cgroup;
     let program = stage.argv.first().ok_or("a stage without a command")?;
     let env = environment(job);
@@ -243,7 +366,7 @@ fn run_stage(job: &Job, stage: &Stage, ctx: &Context) -> Result<StageOutcome, St
         Some(p) => p,
         None => {
             let why = format!("{program}: command not found\n");
-            return Ok(failed_before_start(&stage.name, 127, &why));
+            return Ok(streamer.failed_before_start(127, &why));
         }
     };
     let Ok(argv) = stage
@@ -253,7 +376,7 @@ fn run_stage(job: &Job, stage: &Stage, ctx: &Context) -> Result<StageOutcome, St
         .collect::<Result<Vec<_>, _>>()
     else {
         let why = "codefleet: an argument holds a NUL byte\n";
-        return Ok(failed_before_start(&stage.name, 126, why));
+        return Ok(streamer.failed_before_start(126, why));
     };
     let cpu_secs = stage.cpu_time_ms.div_ceil(1000) + 1;
     let exec = sys::Exec {
@@ -289,7 +412,7 @@ fn run_stage(job: &Job, stage: &Stage, ctx: &Context) -> Result<StageOutcome, St
         // job's failure, reported as a shell would (126).
         Err(e) if e.step == sys::SpawnStep::Exec => {
             let why = format!("codefleet: cannot execute {program}: {}\n", e.error);
-            return Ok(failed_before_start(&stage.name, 126, &why));
+            return Ok(streamer.failed_before_start(126, &why));
         }
         Err(e) => return Err(format!("starting the stage: {e}")),
     };
@@ -299,12 +422,21 @@ fn run_stage(job: &Job, stage: &Stage, ctx: &Context) -> Result<StageOutcome, St
     let wall_deadline = started + Duration::from_millis(stage.wall_time_ms);
     let cpu_budget_us = stage.cpu_time_ms * 1_000;
     let cpus = sys::online_cpus();
-    let mut stdin_left: &[u8] = stage.stdin.as_bytes();
-    let mut stdin_fd = if stdin_left.is_empty() {
-        None
-    } else {
-        Some(in_w)
+    // The interactive stage writes the job's feed (what came before it started included);
+    // another writes its own stdin and leaves the commands to the feed.
+    let mut own = StdinFeed {
+        pending: stage.stdin.as_bytes().to_vec(),
+        open: false,
     };
+    if stage.interactive {
+        feed.pending.splice(0..0, std::mem::take(&mut own.pending));
+    }
+    let has_stdin = if stage.interactive {
+        feed.open || !feed.pending.is_empty()
+    } else {
+        !own.pending.is_empty()
+    };
+    let mut stdin_fd = has_stdin.then_some(in_w);
     let mut stdout = Capture::new(out_r, stage.output_bytes);
     let mut stderr = Capture::new(err_r, stage.output_bytes);
     let mut buf = vec![0u8; 64 * 1024];
@@ -335,6 +467,10 @@ fn run_stage(job: &Job, stage: &Stage, ctx: &Context) -> Result<StageOutcome, St
             break;
         }
 
+        // Commands read together with an earlier one (the job's own line) are due now.
+        for command in streamer.chan.buffered() {
+            apply(command, job, feed, streamer.chan);
+        }
         let mut fds = vec![
             (pidfd.as_raw_fd(), libc::POLLIN),
             (ctx.sigchld.as_raw_fd(), libc::POLLIN),
@@ -347,36 +483,70 @@ fn run_stage(job: &Job, stage: &Stage, ctx: &Context) -> Result<StageOutcome, St
             fds.push((fd.as_raw_fd(), libc::POLLIN));
             fds.len() - 1
         });
+        let stdin = if stage.interactive { &*feed } else { &own };
+        // With nothing to write, only a closed reader (POLLERR) is of interest.
         let in_idx = stdin_fd.as_ref().map(|fd| {
-            fds.push((fd.as_raw_fd(), libc::POLLOUT));
+            let events = if stdin.pending.is_empty() {
+                0
+            } else {
+                libc::POLLOUT
+            };
+            fds.push((fd.as_raw_fd(), events));
+            fds.len() - 1
+        });
+        let chan_idx = streamer.chan.fd().map(|fd| {
+            fds.push((fd, libc::POLLIN));
             fds.len() - 1
         });
         let revents = sys::poll(&fds, wait).map_err(|e| format!("poll: {e}"))?;
 
-        if out_idx.is_some_and(|i| revents[i] != 0) && stdout.pump(&mut buf) {
+        if out_idx.is_some_and(|i| revents[i] != 0)
+            && stdout.pump(&mut buf, streamer, OutputStream::Stdout)
+        {
             killed = Some(Kill::Output);
         }
-        if err_idx.is_some_and(|i| revents[i] != 0) && stderr.pump(&mut buf) {
+        if err_idx.is_some_and(|i| revents[i] != 0)
+            && stderr.pump(&mut buf, streamer, OutputStream::Stderr)
+        {
             killed = Some(Kill::Output);
         }
         if killed == Some(Kill::Output) {
             sys::kill_all();
             break;
         }
+        let commands = if chan_idx.is_some_and(|i| revents[i] != 0) {
+            streamer.chan.read_ready()
+        } else {
+            Vec::new()
+        };
+        for command in commands {
+            apply(command, job, feed, streamer.chan);
+        }
+        if streamer.chan.is_closed() {
+            // The agent is gone: nobody waits for this stage.
+            sys::kill_all();
+        }
+        let stdin = if stage.interactive {
+            &mut *feed
+        } else {
+            &mut own
+        };
         if let Some(i) = in_idx {
             if revents[i] & (libc::POLLERR | libc::POLLHUP) != 0 {
                 stdin_fd = None;
-            } else if revents[i] != 0 {
+            } else if revents[i] & libc::POLLOUT != 0 {
                 if let Some(fd) = &stdin_fd {
-                    match sys::write(fd, stdin_left) {
-                        Ok(n) => stdin_left = &stdin_left[n..],
+                    match sys::write(fd, &stdin.pending) {
+                        Ok(n) => {
+                            stdin.pending.drain(..n);
+                        }
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                        Err(_) => stdin_left = &[],
+                        Err(_) => stdin.pending.clear(),
                     }
                 }
-                if stdin_left.is_empty() {
-                    stdin_fd = None; // closing it gives the program EOF
-                }
+            }
+            if stdin.pending.is_empty() && !stdin.open {
+                stdin_fd = None; // closing it gives the program EOF
             }
         }
         // A child exited: the stage's process, or an orphan of the job that was reparented to
@@ -406,7 +576,9 @@ fn run_stage(job: &Job, stage: &Stage, ctx: &Context) -> Result<StageOutcome, St
             }
         }
         let _ = sys::poll(&fds, Duration::from_millis(20));
-        if stdout.pump(&mut buf) || stderr.pump(&mut buf) {
+        let out_over = stdout.pump(&mut buf, streamer, OutputStream::Stdout);
+        let err_over = stderr.pump(&mut buf, streamer, OutputStream::Stderr);
+        if out_over || err_over {
             killed = killed.or(Some(Kill::Output));
         }
     }
@@ -463,6 +635,47 @@ fn run_stage(job: &Job, stage: &Stage, ctx: &Context) -> Result<StageOutcome, St
             None
         },
     })
+}
+
+/// Acts on a command that came while a stage of `job` ran.
+fn apply(command: crate::channel::Incoming, job: &Job, feed: &mut StdinFeed, chan: &mut Channel) {
+    match command {
+        Ok(Command::Stdin { id, data_b64 }) if id == job.id => {
+            let data = base64::engine::general_purpose::STANDARD
+                .decode(data_b64)
+                .unwrap_or_default();
+            feed.feed(&data);
+        }
+        Ok(Command::CloseStdin { id }) if id == job.id => feed.open = false,
+        Ok(Command::Signal { id, signal }) if id == job.id => {
+            if SIGNALS.contains(&signal) {
+                sys::signal_all(signal);
+            }
+        }
+        // For a job that is over: nothing to do.
+        Ok(Command::Stdin { .. } | Command::CloseStdin { .. } | Command::Signal { .. }) => {}
+        other => chan.defer(other),
+    }
+}
+
+/// The standard input still to write to a stage, and whether more may come (an interactive
+/// stage until `close_stdin`).
+struct StdinFeed {
+    pending: Vec<u8>,
+    open: bool,
+}
+
+impl StdinFeed {
+    /// Queues bytes from a `stdin` command (dropped when stdin is already closed, or beyond
+    /// `STDIN_PENDING_MAX` unread bytes).
+    fn feed(&mut self, data: &[u8]) {
+        if !self.open {
+            return;
+        }
+        let room = STDIN_PENDING_MAX.saturating_sub(self.pending.len());
+        self.pending
+            .extend_from_slice(&data[..data.len().min(room)]);
+    }
 }
 
 /// Reaps every child that has exited, without waiting; returns `pid`'s state if it was among

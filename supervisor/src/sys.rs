@@ -104,6 +104,15 @@ pub fn kill_all() {
     }
 }
 
+/// Sends `signal` to every process in this pid namespace but ourselves: every process of the
+/// running job (nothing else but the supervisor runs in a sandbox).
+pub fn signal_all(signal: libc::c_int) {
+    // SAFETY: kill(-1, sig) has no memory effects; as PID 1 it spares us.
+    unsafe {
+        libc::kill(-1, signal);
+    }
+}
+
 /// Blocks SIGCHLD for the supervisor and returns a non-blocking descriptor that becomes readable
 /// whenever a child (or an orphan reparented to PID 1) exits, so the main loop can reap at once.
 /// Children get an empty signal mask back before they exec (see `child`).
