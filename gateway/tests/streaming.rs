@@ -14,16 +14,20 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{routing, Json, Router};
 use clap::Parser;
-use codefleet_gateway::routing::{NodeEntry, NodeId, RoutingTable};
 use codefleet_gateway::Config;
-use codefleet_shared::cluster::{CapacityReport, LanguageCapacity, NOT_STARTED_HEADER};
+use codefleet_shared::cluster::NOT_STARTED_HEADER;
 use codefleet_shared::stream::{ClientMessage, JobEvent, OutputStream, NDJSON};
-use codefleet_shared::{ErrorCode, ExecuteResponse, ImageState, Problem};
+use codefleet_shared::{ErrorCode, ExecuteResponse, Problem};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, Notify};
 use tokio_tungstenite::tungstenite;
+
+#[path = "fleet/mod.rs"]
+mod fleet;
+
+use fleet::{capacity, ids};
 
 const TOKEN: &str = "cluster-secret";
 
@@ -284,58 +288,17 @@ async fn gateway(args: &[&str]) -> TestGateway {
     TestGateway { url, _stop: stop }
 }
 
-fn capacity(id: &str, address: &str) -> CapacityReport {
-    let python = LanguageCapacity {
-        image: ImageState::Ready,
-        warm: 2,
-        version: "3.11.2".to_string(),
-        aliases: vec!["py".to_string()],
-        compiled: false,
-        file_name: "main.py".to_string(),
-        error: None,
-    };
-    CapacityReport {
-        node_id: id.to_string(),
-        address: address.to_string(),
-        slots_total: 4,
-        slots_busy: 0,
-        queued: 0,
-        ready: true,
-        draining: false,
-        languages: [("python".to_string(), python)].into(),
-        sessions: 0,
-    }
-}
-
 async fn register(gw: &TestGateway, agents: &[&FakeAgent]) {
     let client = reqwest::Client::new();
     for agent in agents {
         let answer = client
             .post(format!("{}/v1/internal/reports", gw.url))
             .bearer_auth(TOKEN)
-            .json(&capacity(&agent.id, &agent.address))
+            .json(&capacity(&agent.id, &agent.address, 4, 0))
             .send()
             .await
             .unwrap();
         assert_eq!(answer.status(), StatusCode::OK);
-    }
-}
-
-/// Two node ids: the primary for python first.
-fn ids() -> (&'static str, &'static str) {
-    let entries = ["a", "b"]
-        .iter()
-        .map(|id| NodeEntry {
-            id: NodeId::new(id),
-            slots_total: 1,
-            languages: Default::default(),
-            load: (),
-        })
-        .collect();
-    let table = RoutingTable::new(Config::default().vnodes, entries);
-    match table.primary("python").unwrap().to_string().as_str() {
-        "a" => ("a", "b"),
-        _ => ("b", "a"),
     }
 }
 

@@ -10,25 +10,13 @@
 
 use std::time::{Duration, Instant};
 
-use codefleet_tests::{containers_of, eventually, rss_of, Cluster, StatusCode};
+use codefleet_tests::{assert_nothing_left, eventually, rss_of, Cluster, StatusCode};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite;
 
 const NDJSON: &str = "application/x-ndjson";
-
-/// Stopped agents removed their own containers; killed ones' were removed by the fixture.
-async fn assert_nothing_left(nodes: Vec<String>) {
-    for node in nodes {
-        eventually(
-            Duration::from_secs(5),
-            &format!("no container of {node} left"),
-            async || containers_of(&node).is_empty(),
-        )
-        .await;
-    }
-}
 
 /// An event and when the client had it.
 struct Arrived {
