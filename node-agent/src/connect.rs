@@ -251,6 +251,9 @@ fn client_message(message: Option<Result<Message, axum::Error>>) -> Result<Optio
         Some(Ok(Message::Ping(_) | Message::Pong(_))) => Ok(None),
         Some(Ok(message)) => Ok(Some(message)),
         Some(Err(e)) => {
+            // axum hides tungstenite's error type (and its version may differ from the
+            // workspace's), so the size error is told by its text: "Space limit exceeded:
+            // Message too long: … > …".
             let text = e.to_string();
             if text.contains("too long") || text.contains("Space limit") || text.contains("size") {
                 Err(Close(CLOSE_TOO_BIG, "message too big".into()))

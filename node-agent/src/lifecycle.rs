@@ -70,3 +70,24 @@ pub fn docker_unreachable(node: &str) -> Problem {
     )
     .with_retry_after(2)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_work_is_refused_until_started_and_reachable_and_while_draining() {
+        let l = Lifecycle::default();
+        assert!(!l.is_ready());
+        assert!(l.refusal("n1").is_some(), "no engine yet");
+        assert!(l.set_docker_ok(true));
+        assert!(!l.set_docker_ok(true), "no change");
+        assert!(l.refusal("n1").is_none());
+        assert!(!l.is_ready(), "orphans not yet removed");
+        l.set_started();
+        assert!(l.is_ready() && l.up());
+        l.drain();
+        assert!(!l.is_ready() && l.up());
+        assert!(l.refusal("n1").unwrap().detail.contains("draining"));
+    }
+}

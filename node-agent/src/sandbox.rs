@@ -350,10 +350,17 @@ impl Sandbox {
                 },
                 None => Step::Event(self.next_event(left).await),
             };
+            // A channel that breaks under a control before the job was taken: not started.
+            let not_started = |e: SandboxError| match e {
+                SandboxError::Lost if !accepted => {
+                    SandboxError::Dead("it went away before taking the job".to_string())
+                }
+                e => e,
+            };
             let next = match step {
                 Step::Event(event) => event,
                 Step::Control(Some(control)) => {
-                    self.control(&id, control).await?;
+                    self.control(&id, control).await.map_err(not_started)?;
                     continue;
                 }
                 Step::Control(None) => {
@@ -363,7 +370,8 @@ impl Sandbox {
                 Step::CallerGone => {
                     // End the job; its result still comes.
                     live = None;
-                    self.control(&id, Control::Signal(SIGKILL)).await?;
+                    let kill = self.control(&id, Control::Signal(SIGKILL)).await;
+                    kill.map_err(not_started)?;
                     continue;
                 }
             };

@@ -123,3 +123,49 @@ impl Slots {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Free slots are taken at once; then jobs queue (up to the queue's length, for at most
+    /// the wait) and get a slot as one is freed; beyond the length they are refused at once.
+    #[tokio::test]
+    async fn a_full_node_queues_boundedly_then_refuses() {
+        let slots = Arc::new(Slots::new(1, 1, Duration::from_secs(5), "n1"));
+        let first = slots.take(None).await.expect("a free slot");
+        assert_eq!((slots.busy(), slots.queued()), (1, 0));
+
+        let waiting = tokio::spawn({
+            let slots = slots.clone();
+            async move { slots.take(None).await.map(|_| ()) }
+        });
+        while slots.queued() == 0 {
+            tokio::task::yield_now().await;
+        }
+        let refused = slots.take(None).await.err().expect("the queue is full");
+        assert_eq!(refused.code, ErrorCode::NoCapacity);
+        assert!(
+            refused.detail.contains("jobs wait already"),
+            "{}",
+            refused.detail
+        );
+
+        drop(first);
+        waiting
+            .await
+            .unwrap()
+            .expect("the waiting job got the freed slot");
+        assert_eq!((slots.busy(), slots.queued()), (0, 0));
+
+        let held = slots.take(None).await.unwrap();
+        let started = Instant::now();
+        let timed_out = slots.take(Some(Duration::from_millis(50))).await.err();
+        assert!(timed_out.unwrap().detail.contains("stayed busy for 50 ms"));
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the caller's wait, not the node's"
+        );
+        drop(held);
+    }
+}

@@ -115,6 +115,10 @@ impl Channel {
         loop {
             let end = self.pending.iter().position(|&b| b == b'\n')?;
             let line: Vec<u8> = self.pending.drain(..=end).collect();
+            if self.pending.is_empty() {
+                // A big job's line is not kept for the sandbox's whole life.
+                self.pending.shrink_to(64 * 1024);
+            }
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
