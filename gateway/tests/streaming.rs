@@ -702,3 +702,23 @@ async fn an_agent_that_does_not_stream_gives_a_stream_of_one_result() {
     assert_eq!(lines[0]["result"]["run"]["stdout"], "a\n");
     assert_eq!(lines[0]["result"]["attempts"], 1);
 }
+
+#[tokio::test]
+async fn a_quiet_socket_is_closed_at_the_idle_limit() {
+    let (first, _) = ids();
+    let echo = fake_agent(first, Fake::Echo).await;
+    let gw = gateway(&["--connect-idle-ms", "300"]).await;
+    register(&gw, &[&echo]).await;
+
+    let mut socket = ws_connect(&gw).await;
+    ws_send(&mut socket, json!({"language": "python", "source": "..."})).await;
+    assert_eq!(ws_next(&mut socket).await.unwrap()["type"], "accepted");
+    let quiet = Instant::now();
+    let (code, reason) = ws_next(&mut socket).await.unwrap_err();
+    assert_eq!(code, 4000, "{reason}");
+    assert!(
+        quiet.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        quiet.elapsed()
+    );
+}
