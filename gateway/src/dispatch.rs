@@ -19,6 +19,7 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest as _, protocol::frame};
 
 use crate::error::GatewayError;
+use crate::line::Place;
 use crate::membership::{InflightGuard, NodeHandle};
 use crate::metrics;
 use crate::routing::{Decision, NodeId, Want};
@@ -547,61 +548,67 @@ impl Drop for Waiting<'_> {
 }
 
 /// Whether a job may join the `waiting` jobs: fewer than `length` wait, and, while jobs are
-/// seen leaving the wait every `mean_gap` on average, its turn would come within the `left` of
-/// its own wait. Otherwise it is refused at once rather than after waiting in vain: under a
-/// sustained overload a queue bounded by length alone keeps jobs that time out at its back.
+/// seen leaving the wait every `mean_gap` on average, its turn would come within three quarters
+/// of the `left` of its own wait (the rest is for the mean's noise and the agent's own queue).
+/// Otherwise it is refused at once rather than after waiting in vain: under a sustained
+/// overload a queue bounded by length alone keeps jobs that time out at its back.
 pub fn admit(waiting: u32, length: u32, mean_gap: Option<Duration>, left: Duration) -> bool {
     if waiting >= length {
         return false;
     }
     match mean_gap {
-        Some(gap) => gap.saturating_mul(waiting + 1) <= left,
+        Some(gap) => gap.saturating_mul(waiting + 1) <= left * 3 / 4,
         None => true,
     }
 }
 
-/// How fast jobs leave the gateway's wait for a node while it is backlogged: a running mean of
-/// the time between two departures (each new gap weighs a fifth), counted only when the earlier
-/// departure left other jobs waiting, so that a gap measures how fast the fleet serves the
-/// wait, not how seldom jobs had to wait. Forgotten once no job has left for a while.
+/// How fast jobs leave the gateway's wait for a node while it is backlogged: the mean time
+/// between two departures over the last [`Departures::WINDOW`] gaps, counting a gap only when
+/// the earlier departure left other jobs waiting, so that a gap measures how fast the fleet
+/// serves the wait, not how seldom jobs had to wait. A mean over many gaps, not a running
+/// average weighted to the last few: departures come in bursts (a freed slot, then the next in
+/// line finding another), and a newcomer is weighed against the mean just after a burst as
+/// often as at any other time. Forgotten once no job has left for a while.
 #[derive(Default)]
 pub struct Departures {
-    /// The last departure, whether it left jobs waiting, and the mean gap so far.
-    last: std::sync::Mutex<Option<Departure>>,
+    last: std::sync::Mutex<Gaps>,
 }
 
-#[derive(Clone, Copy)]
-struct Departure {
-    at: std::time::Instant,
-    backlogged: bool,
-    mean: Option<Duration>,
+#[derive(Default)]
+struct Gaps {
+    /// The last departure and whether it left jobs waiting.
+    last: Option<(std::time::Instant, bool)>,
+    gaps: std::collections::VecDeque<Duration>,
+    sum: Duration,
 }
 
 impl Departures {
+    pub const WINDOW: usize = 32;
+
     /// A job left the wait at `now`, leaving `still_waiting` jobs behind it.
     pub fn record(&self, now: std::time::Instant, still_waiting: u32) {
-        let mut last = self.last.lock().expect("departures lock");
-        let mean = match *last {
-            Some(d) if d.backlogged => {
-                let gap = now.saturating_duration_since(d.at);
-                Some(d.mean.map_or(gap, |mean| (mean * 4 + gap) / 5))
+        let mut d = self.last.lock().expect("departures lock");
+        if let Some((at, true)) = d.last {
+            let gap = now.saturating_duration_since(at);
+            d.gaps.push_back(gap);
+            d.sum += gap;
+            if d.gaps.len() > Self::WINDOW {
+                let old = d.gaps.pop_front().expect("a gap");
+                d.sum -= old;
             }
-            Some(d) => d.mean,
-            None => None,
-        };
-        *last = Some(Departure {
-            at: now,
-            backlogged: still_waiting > 0,
-            mean,
-        });
+        }
+        d.last = Some((now, still_waiting > 0));
     }
 
     /// The mean gap, unless the last departure is older than `stale_after` (the wait is not
     /// moving, or nothing waited lately: nothing is known).
     pub fn mean_gap(&self, now: std::time::Instant, stale_after: Duration) -> Option<Duration> {
-        let last = *self.last.lock().expect("departures lock");
-        match last {
-            Some(d) if now.saturating_duration_since(d.at) <= stale_after => d.mean,
+        let d = self.last.lock().expect("departures lock");
+        match d.last {
+            Some((at, _)) if now.saturating_duration_since(at) <= stale_after => {
+                let n = u32::try_from(d.gaps.len()).ok().filter(|n| *n > 0)?;
+                Some(d.sum / n)
+            }
             _ => None,
         }
     }
@@ -693,8 +700,11 @@ pub async fn place(gw: &Gateway, job: Job<'_>) -> Result<Placed, GatewayError> {
     let mut waited = Duration::ZERO;
     let mut tried: Vec<NodeId> = Vec::new();
     let mut last_failure: Option<(NodeId, AttemptError)> = None;
-    // Whether this job has waited for a node with room (it leaves the wait when it gets one).
-    let mut queued = false;
+    // Jobs that want the same runtimes share a line (one that asks for a version the full nodes
+    // have must not hold up one that any node with room could take).
+    let line_key = format!("{}\0{}", job.language, job.version.unwrap_or(""));
+    // While this job waits for a node with room: its count in the wait and its place in line.
+    let mut spot: Option<(Waiting<'_>, Place<'_>)> = None;
     gw.dispatcher.budget.deposit();
     loop {
         // Registered before routing looks at the loads, so a slot freed meanwhile is not missed.
@@ -703,26 +713,36 @@ pub async fn place(gw: &Gateway, job: Job<'_>) -> Result<Placed, GatewayError> {
         freed.as_mut().enable();
 
         let snapshot = gw.snapshot();
-        let started = std::time::Instant::now();
-        let want = Want {
-            language: job.language,
-            version: job.version,
-            exclude: &tried,
+        // Jobs of a language get nodes in the order they came: while some of them wait, a job
+        // behind them does not look for a node (the one first in line does).
+        let my_turn = match &spot {
+            Some((_, place)) => place.is_first(),
+            None => gw.line.is_empty(&line_key),
         };
-        let decision = snapshot
-            .table
-            .choose(&want, config.balance_factor, |node| node.load());
-        metrics::routing_decision(started.elapsed());
+        let decision = my_turn.then(|| {
+            let started = std::time::Instant::now();
+            let want = Want {
+                language: job.language,
+                version: job.version,
+                exclude: &tried,
+            };
+            let decision = snapshot
+                .table
+                .choose(&want, config.balance_factor, |node| node.load());
+            metrics::routing_decision(started.elapsed());
+            decision
+        });
         let node = match decision {
-            Decision::Node(entry) => {
-                if std::mem::take(&mut queued) {
+            Some(Decision::Node(entry)) => {
+                if let Some(left) = spot.take() {
+                    drop(left);
                     let still_waiting = gw.waiting.load(Ordering::SeqCst);
                     gw.departures
                         .record(std::time::Instant::now(), still_waiting);
                 }
                 Arc::clone(&entry.load)
             }
-            Decision::Unavailable => {
+            Some(Decision::Unavailable) => {
                 return Err(match last_failure {
                     Some((node, failure)) => failure.into_error(&node),
                     None => {
@@ -733,7 +753,7 @@ pub async fn place(gw: &Gateway, job: Job<'_>) -> Result<Placed, GatewayError> {
                     }
                 });
             }
-            Decision::Saturated => {
+            Some(Decision::Saturated) | None => {
                 let now = Instant::now();
                 if now >= deadline {
                     metrics::rejection("no_capacity");
@@ -745,33 +765,28 @@ pub async fn place(gw: &Gateway, job: Job<'_>) -> Result<Placed, GatewayError> {
                         ),
                     });
                 }
-                // A burst queues; beyond the queue's length, or when the wait already queued
-                // would outlast what is left of this job's, the job is refused at once.
-                let length = config
-                    .queue_length
-                    .unwrap_or(snapshot.ready_slots.saturating_mul(4))
-                    .max(1);
-                let left = deadline.saturating_duration_since(now);
-                // A job already waiting keeps its place (it was woken, found no room, and waits
-                // on); only a newcomer is weighed against the queue.
-                let (length, gap) = match queued {
-                    true => (u32::MAX, None),
-                    false => {
-                        let gap = gw.departures.mean_gap(now.into_std(), config.queue_wait());
-                        (length, gap)
-                    }
-                };
-                let Some(_queued) = Waiting::join(&gw.waiting, length, gap, left) else {
-                    metrics::rejection("no_capacity");
-                    return Err(GatewayError::NoCapacity {
-                        detail: format!(
-                            "every node running {} is busy, and {} jobs wait already",
-                            job.language,
-                            gw.waiting.load(Ordering::SeqCst)
-                        ),
-                    });
-                };
-                queued = true;
+                if spot.is_none() {
+                    // A burst queues; beyond the queue's length, or when the wait already
+                    // queued would outlast what is left of this job's, the job is refused at
+                    // once. A job already waiting keeps its place.
+                    let length = config
+                        .queue_length
+                        .unwrap_or(snapshot.ready_slots.saturating_mul(4))
+                        .max(1);
+                    let left = deadline.saturating_duration_since(now);
+                    let gap = gw.departures.mean_gap(now.into_std(), config.queue_wait());
+                    let Some(waiting) = Waiting::join(&gw.waiting, length, gap, left) else {
+                        metrics::rejection("no_capacity");
+                        return Err(GatewayError::NoCapacity {
+                            detail: format!(
+                                "every node running {} is busy, and {} jobs wait already",
+                                job.language,
+                                gw.waiting.load(Ordering::SeqCst)
+                            ),
+                        });
+                    };
+                    spot = Some((waiting, gw.line.join(&line_key)));
+                }
                 let _waiting = metrics::waiting();
                 tokio::select! {
                     () = freed => {}
@@ -925,9 +940,10 @@ mod tests {
         let table = [
             ((0, 4, None, ms(1)), true), // nothing known: the length decides
             ((3, 4, None, ms(1)), true),
-            ((4, 4, None, ms(30_000)), false),           // full
-            ((9, 40, Some(ms(100)), ms(1_000)), true),   // its turn in 1 s, 1 s left
-            ((10, 40, Some(ms(100)), ms(1_000)), false), // 1.1 s needed
+            ((4, 4, None, ms(30_000)), false),          // full
+            ((6, 40, Some(ms(100)), ms(1_000)), true),  // its turn in 0.7 s, 1 s left
+            ((7, 40, Some(ms(100)), ms(1_000)), false), // 0.8 s needed: more than 3/4
+            ((9, 40, Some(ms(100)), ms(1_000)), false),
             ((0, 40, Some(ms(100)), ms(50)), false),
             ((39, 40, Some(ms(1)), ms(1_000)), true),
         ];
@@ -942,7 +958,7 @@ mod tests {
     }
 
     #[test]
-    fn departures_give_a_running_mean_gap_of_a_backlogged_wait_that_goes_stale() {
+    fn departures_give_the_mean_gap_of_a_backlogged_wait_that_goes_stale() {
         let d = Departures::default();
         let t0 = std::time::Instant::now();
         let (ms, s) = (Duration::from_millis, Duration::from_secs);
@@ -951,15 +967,22 @@ mod tests {
         assert_eq!(d.mean_gap(t0, s(2)), None, "one departure is no rate");
         d.record(t0 + ms(100), 2);
         assert_eq!(d.mean_gap(t0 + ms(100), s(2)), Some(ms(100)));
-        d.record(t0 + ms(700), 0); // a gap of 600 ms weighs a fifth; it left nobody waiting
-        assert_eq!(d.mean_gap(t0 + ms(700), s(2)), Some(ms(200)));
+        d.record(t0 + ms(700), 0); // it left nobody waiting
+        assert_eq!(d.mean_gap(t0 + ms(700), s(2)), Some(ms(350)));
         // The next gap started with nobody waiting: it says how seldom jobs wait, not how
         // fast they are served, and does not count.
         d.record(t0 + ms(1_900), 1);
-        assert_eq!(d.mean_gap(t0 + ms(1_900), s(2)), Some(ms(200)));
+        assert_eq!(d.mean_gap(t0 + ms(1_900), s(2)), Some(ms(350)));
         d.record(t0 + ms(2_000), 1);
-        assert_eq!(d.mean_gap(t0 + ms(2_000), s(2)), Some(ms(180)));
+        assert_eq!(d.mean_gap(t0 + ms(2_000), s(2)), Some(ms(800) / 3));
         assert_eq!(d.mean_gap(t0 + s(5), s(2)), None, "stale");
+        // Only the last WINDOW gaps count.
+        let mut at = t0 + ms(2_000);
+        for _ in 0..Departures::WINDOW {
+            at += ms(10);
+            d.record(at, 1);
+        }
+        assert_eq!(d.mean_gap(at, s(2)), Some(ms(10)));
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod dispatch;
 pub mod edge;
 pub mod error;
 mod handlers;
+mod line;
 pub mod membership;
 pub mod metrics;
 pub mod routing;
@@ -55,6 +56,8 @@ pub struct Gateway {
     waiting: std::sync::atomic::AtomicU32,
     /// How fast waiting jobs get a node, for the expected wait of one that would join them.
     departures: dispatch::Departures,
+    /// The order in which waiting jobs get nodes.
+    line: line::WaitLine,
     metrics: PrometheusHandle,
 }
 
@@ -62,6 +65,7 @@ impl Gateway {
     /// Checks `config` and builds the state. Starts no task: [`serve`] does.
     pub fn new(config: Config) -> anyhow::Result<Arc<Gateway>> {
         let config = config.validate()?;
+        let freed = Arc::new(Notify::new());
         Ok(Arc::new(Gateway {
             keys: Keys::new(&config, Instant::now()),
             membership: Mutex::new(Membership::new(
@@ -70,7 +74,8 @@ impl Gateway {
             )),
             snapshot: RwLock::new(Arc::new(Snapshot::empty(config.vnodes))),
             dispatcher: Dispatcher::new(&config)?,
-            freed: Arc::new(Notify::new()),
+            line: line::WaitLine::new(Arc::clone(&freed)),
+            freed,
             waiting: std::sync::atomic::AtomicU32::new(0),
             departures: dispatch::Departures::default(),
             metrics: metrics::handle(),

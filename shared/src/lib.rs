@@ -11,6 +11,7 @@ pub mod api;
 pub mod auth;
 pub mod cluster;
 pub mod ids;
+pub mod judge;
 pub mod problem;
 pub mod sandbox;
 pub mod stream;

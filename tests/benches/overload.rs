@@ -150,6 +150,8 @@ struct Sample {
     queued: Duration,
     /// Nodes the gateway tried.
     attempts: u64,
+    /// A refusal's `detail`.
+    detail: String,
 }
 
 fn job(ms: u64) -> Value {
@@ -177,6 +179,7 @@ async fn send(client: &reqwest::Client, url: &str, body: &Value) -> Sample {
                 took: started.elapsed(),
                 queued: Duration::from_millis(body["timing"]["queued_ms"].as_u64().unwrap_or(0)),
                 attempts: body["attempts"].as_u64().unwrap_or(0),
+                detail: body["detail"].as_str().unwrap_or("").to_string(),
             }
         }
         Err(e) => Sample {
@@ -186,6 +189,7 @@ async fn send(client: &reqwest::Client, url: &str, body: &Value) -> Sample {
             took: started.elapsed(),
             queued: Duration::ZERO,
             attempts: 0,
+            detail: String::new(),
         },
     }
 }
@@ -427,6 +431,8 @@ async fn run() -> anyhow::Result<()> {
     let mut refused: Vec<Duration> = Vec::new();
     let mut refused_by: BTreeMap<String, usize> = BTreeMap::new();
     let mut without_retry_after = 0;
+    // Refusals after a wait, by where the job waited in vain: an agent's queue names its slots.
+    let mut slow_where: BTreeMap<&str, usize> = BTreeMap::new();
     let mut other: BTreeMap<String, usize> = BTreeMap::new();
     for (_, s) in &samples {
         match s.status {
@@ -441,6 +447,19 @@ async fn run() -> anyhow::Result<()> {
                     .entry(format!("{} {}", s.status, s.code))
                     .or_default() += 1;
                 without_retry_after += usize::from(!s.retry_after);
+                if s.took > Duration::from_millis(10) {
+                    // The gateway says "waited N ms" when a job's wait ran out, and how many
+                    // wait already when it refused a newcomer at once (then only the way back
+                    // was slow: a loaded machine).
+                    let place = if s.detail.contains("slots of node") {
+                        "in an agent's queue"
+                    } else if s.detail.contains("waited") {
+                        "the gateway's wait ran out"
+                    } else {
+                        "refused at once by the gateway, answer slow to arrive"
+                    };
+                    *slow_where.entry(place).or_default() += 1;
+                }
             }
             _ => *other.entry(format!("{} {}", s.status, s.code)).or_default() += 1,
         }
@@ -498,7 +517,7 @@ async fn run() -> anyhow::Result<()> {
         ms(q(&fast, 0.99))
     );
     println!(
-        "| refused after waiting | {} of {}; p50 {} ms, max {} ms |",
+        "| refused after waiting | {} of {} {slow_where:?}; p50 {} ms, max {} ms |",
         slow.len(),
         refused.len(),
         ms(q(&slow, 0.5)),

@@ -1,6 +1,6 @@
 //! The gateway in front of real node agents, each its own process, on loopback and the real
 //! Docker engine: each language on its primary node until the load bound, then spilling; a node
-//! killed mid-job; a node joining; a drain; a gateway restart; the edge's refusals; a session.
+//! killed mid-job; a node joining; jobs waiting for a full node in order; a drain; a gateway restart; the edge's refusals; a session.
 //! Every test ends by stopping its cluster and finding none of its containers left.
 //!
 //! Agents run `--pool-min 1` and only the languages a test needs: the machine has two cores
@@ -191,6 +191,53 @@ async fn a_joining_node_is_listed_within_seconds_of_being_ready_and_takes_its_sh
         &cluster.run_one_at_a_time(PY, 3).await,
         &newcomer,
         "python after the join",
+    );
+
+    assert_nothing_left(cluster.stop().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_waiting_for_a_full_node_get_it_in_the_order_they_came() {
+    let mut cluster = Cluster::named("fifo")
+        .agents(1)
+        .languages(&[PY])
+        .agent_arg("--slots", 1)
+        .gateway_arg("--queue-wait-ms", 60_000)
+        .gateway_arg("--queue-length", 16)
+        .start()
+        .await;
+    let node = cluster.primary(PY);
+    let api = cluster.api.clone();
+    let first = tokio::spawn(async move { api.execute(sleeper(1.5)).await });
+    cluster.wait_busy(&node).await;
+
+    // Five jobs come one after another while the only slot is taken; each waits at the gateway.
+    // Every slot freed must go to the job that has waited longest, not to whichever asks first.
+    let done = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut waiting = Vec::new();
+    for i in 0..5 {
+        let (api, done) = (cluster.api.clone(), std::sync::Arc::clone(&done));
+        waiting.push(tokio::spawn(async move {
+            let answer = api
+                .execute(json!({"language": PY, "limits": {"wall_time_ms": 20_000},
+                    "source": format!("import time\ntime.sleep(0.2)\nprint({i})\n")}))
+                .await;
+            assert_eq!(answer["run"]["stdout"], format!("{i}\n"), "{answer}");
+            done.lock().unwrap().push(i);
+        }));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for job in waiting {
+        job.await.expect("a waiting job");
+    }
+    assert_eq!(
+        first.await.expect("the first job")["run"]["stdout"],
+        "done\n"
+    );
+    assert_eq!(
+        *done.lock().unwrap(),
+        vec![0, 1, 2, 3, 4],
+        "the order jobs finished in"
     );
 
     assert_nothing_left(cluster.stop().await).await;

@@ -1,0 +1,412 @@
+//! Judging: one program, compiled once, run against many test cases, each answer compared with
+//! the expected output by a checker. The bodies of `POST /v1/judge`, their limits, the built-in
+//! checkers (plain functions, here so that both the agent and any client can apply the same
+//! rules) and the verdicts.
+
+use serde::{Deserialize, Serialize};
+
+use crate::api::{ExecuteRequest, LanguageRef, Limits, StageResult, Status, Timing};
+use crate::problem::{ErrorCode, Problem};
+
+/// The most test cases one judge request may carry.
+pub const MAX_TESTS: usize = 256;
+/// The most bytes of all tests' `stdin` and `expected` together.
+pub const MAX_TESTS_BYTES: usize = 16 * 1024 * 1024;
+/// The largest tolerance a `float` checker accepts (a larger one would accept anything).
+pub const MAX_TOLERANCE: f64 = 1.0e6;
+
+/// `POST /v1/judge` as it arrives: the program as in `POST /v1/execute` (without `stdin`, which
+/// each test carries), the tests, and how answers are checked.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct JudgeRequest {
+    #[serde(flatten)]
+    pub program: ExecuteRequest,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tests: Option<Vec<TestCase>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checker: Option<Checker>,
+    /// Stop at the first test that is not accepted; the rest are `skipped`.
+    #[serde(default)]
+    pub stop_on_first_failure: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TestCase {
+    #[serde(default)]
+    pub stdin: String,
+    #[serde(default)]
+    pub expected: String,
+    /// This test's own run limits, over the request's (`compile_wall_time_ms` does not apply).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<Limits>,
+}
+
+/// How a test's output is compared with its `expected`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Checker {
+    /// Byte for byte.
+    Exact {},
+    /// Line by line, ignoring each line's trailing whitespace and trailing blank lines (Judge0's
+    /// rule). The default.
+    Lines {},
+    /// The same whitespace-separated tokens.
+    Tokens {},
+    /// The same tokens, where two numbers are equal within `abs_tol` or within `rel_tol` of the
+    /// expected one (either suffices); tokens that are not numbers must be equal.
+    Float {
+        #[serde(default = "default_tolerance")]
+        abs_tol: f64,
+        #[serde(default = "default_tolerance")]
+        rel_tol: f64,
+    },
+    /// A program, run like any job for every test that ran to completion, with the test's input,
+    /// the expected output and the program's output in its work dir as `input.txt`,
+    /// `expected.txt` and `output.txt` (their names also its first three arguments): exit 0
+    /// accepts, exit 1 is a wrong answer, anything else is the checker's failure
+    /// (`internal_error` for that test). What it prints on stdout becomes the test's `message`.
+    Program {
+        #[serde(flatten)]
+        program: Box<ExecuteRequest>,
+    },
+}
+
+impl Default for Checker {
+    fn default() -> Checker {
+        Checker::Lines {}
+    }
+}
+
+fn default_tolerance() -> f64 {
+    1e-6
+}
+
+impl Checker {
+    /// Compares `actual` with `expected` for the built-in checkers; `None` for `program`.
+    pub fn accepts(&self, expected: &str, actual: &str) -> Option<bool> {
+        Some(match self {
+            Checker::Exact {} => expected == actual,
+            Checker::Lines {} => lines(expected) == lines(actual),
+            Checker::Tokens {} => expected.split_whitespace().eq(actual.split_whitespace()),
+            Checker::Float { abs_tol, rel_tol } => {
+                floats_match(expected, actual, *abs_tol, *rel_tol)
+            }
+            Checker::Program { .. } => return None,
+        })
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Checker::Exact {} => "exact",
+            Checker::Lines {} => "lines",
+            Checker::Tokens {} => "tokens",
+            Checker::Float { .. } => "float",
+            Checker::Program { .. } => "program",
+        }
+    }
+}
+
+/// The lines of `text` without their trailing whitespace, trailing blank lines dropped.
+fn lines(text: &str) -> Vec<&str> {
+    let mut out: Vec<&str> = text.lines().map(str::trim_end).collect();
+    while out.last().is_some_and(|l| l.is_empty()) {
+        out.pop();
+    }
+    out
+}
+
+fn floats_match(expected: &str, actual: &str, abs_tol: f64, rel_tol: f64) -> bool {
+    let mut want = expected.split_whitespace();
+    let mut got = actual.split_whitespace();
+    loop {
+        match (want.next(), got.next()) {
+            (None, None) => return true,
+            (Some(w), Some(g)) => {
+                let same = match (number(w), number(g)) {
+                    (Some(w), Some(g)) => {
+                        let diff = (w - g).abs();
+                        diff <= abs_tol || diff <= rel_tol * w.abs()
+                    }
+                    _ => w == g,
+                };
+                if !same {
+                    return false;
+                }
+            }
+            _ => return false,
+        }
+    }
+}
+
+/// A finite number written as a decimal (`nan`, `inf` and the like are words, not numbers).
+fn number(token: &str) -> Option<f64> {
+    let looks_numeric = token
+        .bytes()
+        .all(|b| b.is_ascii_digit() || matches!(b, b'+' | b'-' | b'.' | b'e' | b'E'));
+    let value: f64 = token.parse().ok().filter(|_| looks_numeric)?;
+    value.is_finite().then_some(value)
+}
+
+/// A test's outcome.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    Accepted,
+    WrongAnswer,
+    TimeLimit,
+    MemoryLimit,
+    OutputLimit,
+    RuntimeError,
+    /// Not run: an earlier test failed and the request asked to stop there.
+    Skipped,
+    /// The node could not run the test, or the checker program failed.
+    InternalError,
+    /// Only as the overall verdict: the program did not compile, no test ran.
+    CompileError,
+}
+
+impl Verdict {
+    /// The verdict of a run that did not complete normally; `None` when it did (the checker
+    /// decides).
+    pub fn of_run(status: Status) -> Option<Verdict> {
+        match status {
+            Status::Ok => None,
+            Status::RuntimeError => Some(Verdict::RuntimeError),
+            Status::Timeout => Some(Verdict::TimeLimit),
+            Status::MemoryLimit => Some(Verdict::MemoryLimit),
+            Status::OutputLimit => Some(Verdict::OutputLimit),
+            Status::CompileError => Some(Verdict::CompileError),
+            Status::InternalError => Some(Verdict::InternalError),
+        }
+    }
+}
+
+/// One test's result in the answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TestResult {
+    pub verdict: Verdict,
+    /// The run, absent when the test was skipped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<StageResult>,
+    /// What the checker program printed, or why the test could not be judged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// `200` answer of `POST /v1/judge`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JudgeResponse {
+    pub id: String,
+    pub language: LanguageRef,
+    /// `accepted` when every test is; else the first failing test's verdict (or `compile_error`).
+    pub verdict: Verdict,
+    /// Index of the first test not accepted.
+    pub first_failure: Option<usize>,
+    pub compile: Option<StageResult>,
+    /// Whether the compiled program came from the node's compile cache.
+    #[serde(default)]
+    pub cached: bool,
+    pub checker: String,
+    pub tests: Vec<TestResult>,
+    pub node: String,
+    pub timing: Timing,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+}
+
+impl JudgeResponse {
+    /// The overall verdict and first failure of `tests` (after a compile that succeeded).
+    pub fn overall(tests: &[TestResult]) -> (Verdict, Option<usize>) {
+        match tests
+            .iter()
+            .position(|t| !matches!(t.verdict, Verdict::Accepted | Verdict::Skipped))
+        {
+            Some(i) => (tests[i].verdict, Some(i)),
+            None => (Verdict::Accepted, None),
+        }
+    }
+}
+
+/// Checks what `POST /v1/execute`'s checks do not: the tests, their size, the checker.
+pub fn check_judge(req: &JudgeRequest) -> Result<(), Problem> {
+    let invalid = |detail: String| Err(Problem::new(ErrorCode::InvalidRequest, detail));
+    if req.program.stdin.is_some() {
+        return invalid(
+            "`stdin` belongs to each test (`tests[i].stdin`) in a judge request".into(),
+        );
+    }
+    let Some(tests) = &req.tests else {
+        return invalid("`tests` is required: a list of {stdin, expected}".into());
+    };
+    if tests.is_empty() || tests.len() > MAX_TESTS {
+        return invalid(format!(
+            "`tests` must hold 1 to {MAX_TESTS} tests, not {}",
+            tests.len()
+        ));
+    }
+    let bytes: usize = tests.iter().map(|t| t.stdin.len() + t.expected.len()).sum();
+    if bytes > MAX_TESTS_BYTES {
+        return invalid(format!(
+            "the tests' stdin and expected output add up to {bytes} bytes; at most {MAX_TESTS_BYTES}"
+        ));
+    }
+    if let Some(Checker::Float { abs_tol, rel_tol }) = &req.checker {
+        for (name, tol) in [("abs_tol", abs_tol), ("rel_tol", rel_tol)] {
+            if !(0.0..=MAX_TOLERANCE).contains(tol) {
+                return invalid(format!(
+                    "`checker.{name}` must be between 0 and {MAX_TOLERANCE}, not {tol}"
+                ));
+            }
+        }
+    }
+    if let Some(Checker::Program { program }) = &req.checker {
+        if program.stdin.is_some() || program.args.is_some() {
+            return invalid(
+                "a checker program gets the test's files as arguments; `stdin` and `args` are not allowed"
+                    .into(),
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_built_in_checkers() {
+        let float = Checker::Float {
+            abs_tol: 1e-3,
+            rel_tol: 1e-6,
+        };
+        // (checker, expected, actual) -> accepted
+        let table: &[(&Checker, &str, &str, bool)] = &[
+            (&Checker::Exact {}, "1 2\n", "1 2\n", true),
+            (&Checker::Exact {}, "1 2\n", "1 2", false),
+            (&Checker::Lines {}, "1 2\n3\n", "1 2  \n3\n\n\n", true),
+            (&Checker::Lines {}, "1 2\n3\n", "1 2\r\n3", true),
+            (&Checker::Lines {}, "1 2\n3\n", " 1 2\n3\n", false), // leading space counts
+            (&Checker::Lines {}, "1\n\n2\n", "1\n2\n", false),    // inner blank lines count
+            (&Checker::Lines {}, "", "\n\n", true),
+            (&Checker::Tokens {}, "1 2\n3", " 1\n2   3 \n", true),
+            (&Checker::Tokens {}, "1 2 3", "1 2", false),
+            (&float, "0.3333", "0.33333333", true),
+            (&float, "0.333", "0.335", false),
+            (&float, "1000000000", "1000000500", true), // within rel_tol
+            (&float, "1e3 x", "1000.0004 x", true),
+            (&float, "1 x", "1 y", false),
+            (&float, "1", "1 2", false),
+            (&float, "nan", "nan", true), // words compared as words
+            (&float, "1", "nan", false),
+            (&float, "1", "inf", false),
+        ];
+        for (checker, expected, actual, want) in table {
+            assert_eq!(
+                checker.accepts(expected, actual),
+                Some(*want),
+                "{} {expected:?} {actual:?}",
+                checker.name()
+            );
+        }
+    }
+
+    #[test]
+    fn requests_parse_with_the_program_flattened() {
+        let req: JudgeRequest = serde_json::from_str(
+            r#"{"language":"python","source":"print(input())","tests":[{"stdin":"1\n","expected":"1\n"}],
+               "checker":{"type":"float","abs_tol":0.5},"stop_on_first_failure":true}"#,
+        )
+        .unwrap();
+        assert_eq!(req.program.language.as_deref(), Some("python"));
+        assert_eq!(req.tests.as_ref().unwrap().len(), 1);
+        assert_eq!(
+            req.checker,
+            Some(Checker::Float {
+                abs_tol: 0.5,
+                rel_tol: 1e-6
+            })
+        );
+        assert!(check_judge(&req).is_ok());
+        let program: JudgeRequest = serde_json::from_str(
+            r#"{"language":"c","source":"x","tests":[{}],
+               "checker":{"type":"program","language":"python","source":"import sys"}}"#,
+        )
+        .unwrap();
+        match program.checker {
+            Some(Checker::Program { program }) => {
+                assert_eq!(program.language.as_deref(), Some("python"))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(serde_json::from_str::<Checker>(r#"{"type":"regex"}"#).is_err());
+        assert!(serde_json::from_str::<TestCase>(r#"{"input":"1"}"#).is_err());
+    }
+
+    #[test]
+    fn bad_judge_requests_are_refused_with_a_reason() {
+        let with = |f: &dyn Fn(&mut JudgeRequest)| {
+            let mut req = JudgeRequest {
+                tests: Some(vec![TestCase::default()]),
+                ..JudgeRequest::default()
+            };
+            f(&mut req);
+            check_judge(&req).err().map(|p| p.detail)
+        };
+        assert_eq!(with(&|_| {}), None);
+        let refusals = [
+            with(&|r| r.tests = None),
+            with(&|r| r.tests = Some(vec![])),
+            with(&|r| r.tests = Some(vec![TestCase::default(); MAX_TESTS + 1])),
+            with(&|r| r.program.stdin = Some("x".into())),
+            with(&|r| {
+                r.tests = Some(vec![TestCase {
+                    stdin: "x".repeat(MAX_TESTS_BYTES),
+                    expected: "y".into(),
+                    limits: None,
+                }])
+            }),
+            with(&|r| {
+                r.checker = Some(Checker::Float {
+                    abs_tol: -1.0,
+                    rel_tol: 0.0,
+                })
+            }),
+            with(&|r| {
+                r.checker = Some(Checker::Float {
+                    abs_tol: f64::NAN,
+                    rel_tol: 0.0,
+                })
+            }),
+        ];
+        for (i, refusal) in refusals.iter().enumerate() {
+            assert!(refusal.is_some(), "case {i} was accepted");
+        }
+    }
+
+    #[test]
+    fn the_overall_verdict_is_the_first_failure() {
+        let t = |verdict| TestResult {
+            verdict,
+            run: None,
+            message: None,
+        };
+        assert_eq!(
+            JudgeResponse::overall(&[t(Verdict::Accepted), t(Verdict::Accepted)]),
+            (Verdict::Accepted, None)
+        );
+        assert_eq!(
+            JudgeResponse::overall(&[
+                t(Verdict::Accepted),
+                t(Verdict::TimeLimit),
+                t(Verdict::WrongAnswer)
+            ]),
+            (Verdict::TimeLimit, Some(1))
+        );
+        assert_eq!(
+            JudgeResponse::overall(&[t(Verdict::WrongAnswer), t(Verdict::Skipped)]),
+            (Verdict::WrongAnswer, Some(0))
+        );
+    }
+}
