@@ -78,6 +78,7 @@ async fn fake_agent(id: &str, fake: Fake) -> FakeAgent {
     };
     let app = Router::new()
         .route("/v1/execute", routing::post(fake_execute))
+        .route("/v1/sessions/{id}/execute", routing::post(fake_execute))
         .route("/v1/connect", routing::get(fake_connect))
         .with_state(state);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -721,4 +722,68 @@ async fn a_quiet_socket_is_closed_at_the_idle_limit() {
         "{:?}",
         quiet.elapsed()
     );
+}
+
+#[tokio::test]
+async fn a_sessions_execution_streams_from_its_own_node() {
+    let (first, second) = ids();
+    let release = Arc::new(Notify::new());
+    release.notify_one();
+    let holder = fake_agent(first, Fake::Streams { release }).await;
+    let other = fake_agent(second, Fake::Cuts).await;
+    let gw = gateway(&[]).await;
+    register(&gw, &[&holder, &other]).await;
+
+    let response = reqwest::Client::new()
+        .post(format!(
+            "{}/v1/sessions/se_0123456789abcdef.{first}/execute",
+            gw.url
+        ))
+        .header(header::ACCEPT, NDJSON)
+        .json(&json!({"source": "print('a')"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let lines = Lines::new(response).all().await;
+    let last = lines.last().unwrap();
+    assert_eq!(last["type"], "result", "{lines:?}");
+    assert_eq!(last["result"]["node"], first);
+    assert_eq!(holder.calls.load(Ordering::SeqCst), 1);
+    assert_eq!(other.calls.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn streams_are_counted_by_outcome() {
+    let (first, _) = ids();
+    let cuts = fake_agent(first, Fake::Cuts).await;
+    let gw = gateway(&[]).await;
+    register(&gw, &[&cuts]).await;
+    let lines = Lines::new(post_stream(&gw).await).all().await;
+    assert_eq!(lines.last().unwrap()["error"]["code"], "node_lost");
+
+    let series = r#"codefleet_streams_total{kind="ndjson",outcome="node_lost"}"#;
+    let started = Instant::now();
+    loop {
+        let text = reqwest::get(format!("{}/metrics", gw.url))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        // The pump counts the stream as it ends, just after the last line left.
+        let counted = text.lines().any(|l| l.starts_with(series));
+        if counted {
+            assert!(
+                text.contains("codefleet_streams_open"),
+                "the gauge is exported too"
+            );
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{series} missing:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
