@@ -20,7 +20,7 @@ use codefleet_shared::{
 
 use crate::catalog::{parse_version, Catalog, Language};
 use crate::config::Config;
-use crate::docker::{Docker, SandboxSpec};
+use crate::engine::{Engine, EngineError, SandboxSpec};
 use crate::images::Recipe;
 use crate::pool::{PoolKey, Pools, Sizing, Source};
 use crate::sandbox::{Reaper, Sandbox, SandboxError};
@@ -62,7 +62,7 @@ impl ImageStatus {
 pub struct Agent {
     pub config: Config,
     pub catalog: Catalog,
-    pub docker: Docker,
+    pub docker: Arc<dyn Engine>,
     pub reaper: Reaper,
     pub supervisor: String,
     pub images: RwLock<HashMap<String, ImageStatus>>,
@@ -138,7 +138,7 @@ impl Agent {
     pub fn new(
         config: Config,
         catalog: Catalog,
-        docker: Docker,
+        docker: Arc<dyn Engine>,
         reaper: Reaper,
         supervisor: String,
     ) -> Agent {
@@ -387,7 +387,7 @@ impl Agent {
         };
         let spec = self.spec(key, &tag, kind);
         let channel_root = self.config.channel_root();
-        Sandbox::start(&self.docker, &spec, &self.reaper, channel_root.as_deref()).await
+        Sandbox::start(&*self.docker, &spec, &self.reaper, channel_root.as_deref()).await
     }
 
     /// Starts a pool sandbox and runs the language's warm-up program in it, then resets it: the
@@ -738,19 +738,20 @@ impl Agent {
                 tracing::info!(language = %lang.name, %tag, "building image from its recipe");
                 let name = lang.name.clone();
                 let mut last = Instant::now();
+                let mut progress = move |line: &str| {
+                    if line.starts_with("Step ") || last.elapsed() > Duration::from_secs(10) {
+                        last = Instant::now();
+                        tracing::info!(language = %name, progress = %line, "building image");
+                    }
+                };
                 self.docker
-                    .build(&tag, recipe.context_tar(), move |line| {
-                        if line.starts_with("Step ") || last.elapsed() > Duration::from_secs(10) {
-                            last = Instant::now();
-                            tracing::info!(language = %name, progress = %line, "building image");
-                        }
-                    })
+                    .build(&tag, recipe.context_tar(), &mut progress)
                     .await
-                    .map_err(|e| match e.to_string() {
-                        m if m.contains("debian:bookworm-slim") => format!(
-                            "{m} (no base image and no registry: run deploy/images/bootstrap-base.sh)"
+                    .map_err(|e| match e {
+                        EngineError::ImageMissing { .. } => format!(
+                            "{e} (no base image and no registry: run deploy/images/bootstrap-base.sh)"
                         ),
-                        m => m,
+                        e => e.to_string(),
                     })?;
             }
         }

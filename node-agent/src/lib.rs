@@ -1,8 +1,9 @@
 //! codefleet node agent: owns one Docker engine, prepares language images, keeps warm sandboxes
 //! and sessions, runs jobs with limits, and reports its capacity to gateways.
 //!
-//! Layout: `config` (flags), `catalog` (languages), `images` (recipes and tags), `docker` (the
-//! only module that talks to Docker), `sandbox` (one container and its supervisor channel),
+//! Layout: `config` (flags), `catalog` (languages), `images` (recipes and tags), `engine` (the seam to the
+//! container engine: trait, errors, spec), `docker` (its bollard implementation, the only
+//! module that talks to Docker), `sandbox` (one container and its supervisor channel),
 //! `pool` (warm sandboxes and their sizing policy), `agent` (state and the job path),
 //! `sessions`, `http` (the API), `report` (capacity reports), `telemetry`.
 #![forbid(unsafe_code)]
@@ -11,6 +12,7 @@ pub mod agent;
 pub mod catalog;
 pub mod config;
 pub mod docker;
+pub mod engine;
 pub mod http;
 pub mod images;
 pub mod lease;
@@ -33,6 +35,7 @@ pub use crate::config::Config;
 
 use crate::catalog::Catalog;
 use crate::docker::Docker;
+use crate::engine::Engine;
 use crate::sandbox::Reaper;
 
 /// Builds the agent from its configuration (without serving). Fails with
@@ -50,7 +53,8 @@ pub fn build(config: Config) -> anyhow::Result<Arc<Agent>> {
     let supervisor = config.supervisor_path().context(
         "the sandbox supervisor binary was not found: build it with deploy/build-supervisor.sh or pass --supervisor",
     )?;
-    let docker = Docker::connect().context("connecting to Docker")?;
+    let docker: Arc<dyn Engine> =
+        Arc::new(Docker::connect(config.engine_timeouts()).context("connecting to Docker")?);
     let (reaper, _) = Reaper::start(docker.clone());
     let mut agent = Agent::new(
         config,
@@ -136,7 +140,7 @@ async fn startup(agent: Arc<Agent>) {
         }
     }
     agent.docker_ok.store(true, Ordering::SeqCst);
-    match remove_owned(&agent.docker, agent.node()).await {
+    match remove_owned(&*agent.docker, agent.node()).await {
         Ok(0) => {}
         Ok(n) => {
             tracing::info!(node = %agent.node(), removed = n, "removed containers an earlier run left behind")
@@ -162,7 +166,7 @@ async fn health_loop(agent: Arc<Agent>) {
 }
 
 /// Removes every container labelled with `node`; returns how many there were.
-pub async fn remove_owned(docker: &Docker, node: &str) -> Result<usize, docker::DockerError> {
+pub async fn remove_owned(docker: &dyn Engine, node: &str) -> Result<usize, engine::EngineError> {
     let ids = docker.list_owned(node).await?;
     let removals = ids.iter().map(|id| docker.remove(id));
     for r in futures_util::future::join_all(removals).await {
@@ -183,7 +187,7 @@ async fn cleanup(agent: &Agent) {
     }
     let mut quiet_rounds = 0;
     for _ in 0..20 {
-        match remove_owned(&agent.docker, agent.node()).await {
+        match remove_owned(&*agent.docker, agent.node()).await {
             Ok(0) => quiet_rounds += 1,
             Ok(_) => quiet_rounds = 0,
             Err(e) => tracing::warn!(error = %e, "cleanup sweep failed"),

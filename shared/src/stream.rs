@@ -72,9 +72,13 @@ pub enum JobEvent {
         memory_bytes: u64,
     },
     /// The last event of a job that ran: the buffered answer.
-    Result { result: Box<ExecuteResponse> },
+    Result {
+        result: Box<ExecuteResponse>,
+    },
     /// The last event of a job that could not finish (e.g. `node_lost`).
-    Error { error: Problem },
+    Error {
+        error: Problem,
+    },
 }
 
 impl JobEvent {
