@@ -1142,7 +1142,10 @@ mod tests {
         let id = fake.created()[0].id.clone();
         fake.kill(&id);
         assert_eq!(ch.next().await, None, "the channel ended");
-        assert_eq!(fake.list_owned("n").await.unwrap(), std::slice::from_ref(&id));
+        assert_eq!(
+            fake.list_owned("n").await.unwrap(),
+            std::slice::from_ref(&id)
+        );
         assert!(!fake.present()[0].running);
         fake.remove(&id).await.unwrap();
         assert_eq!(fake.removed(), [id]);
