@@ -229,6 +229,13 @@ mod tests {
         }
     }
 
+    /// The flags' defaults are the documented ones, `Timeouts::default()`.
+    #[test]
+    fn flag_defaults_are_the_default_timeouts() {
+        let config = crate::Config::for_node("n", "127.0.0.1:1".parse().unwrap());
+        assert_eq!(config.engine_timeouts(), Timeouts::default());
+    }
+
     #[test]
     fn only_unreachable_and_timeout_mean_the_engine_is_away() {
         let table = [

@@ -23,7 +23,7 @@
 //!
 //! A job without files (the agent's version probe) prints `<argv[0]> <version>`. Tests also
 //! script the engine: make it unreachable, fail creates, delay supervisors' hello, have the next
-//! sandboxes that get a job die before accepting it, fail resets, kill a container behind the
+//! sandboxes that get a job die before accepting it, kill a container behind the
 //! agent's back; and they observe every create, remove, build and delivered job.
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -35,9 +35,10 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use futures_util::FutureExt;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use futures_util::{FutureExt, StreamExt};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
+use tokio_util::codec::{BytesCodec, FramedRead};
 
 use codefleet_shared::sandbox::{
     Command, Event, Job, Stage, StageOutcome, CHANNEL_SOCKET, PROTOCOL_VERSION,
@@ -77,7 +78,6 @@ struct State {
 struct Faults {
     fail_creates: u32,
     die_before_accept: u32,
-    fail_resets: u32,
     start_delay: Duration,
 }
 
@@ -148,11 +148,6 @@ impl FakeEngine {
     /// The next `n` sandboxes that read a job die before accepting it.
     pub fn die_before_accept(&self, n: u32) {
         self.state().faults.die_before_accept = n;
-    }
-
-    /// The next `n` resets (of any sandbox) answer `reset_failed`.
-    pub fn fail_resets(&self, n: u32) {
-        self.state().faults.fail_resets = n;
     }
 
     /// Supervisors started from now on wait this long before their hello.
@@ -426,19 +421,12 @@ impl Engine for FakeEngine {
     }
 }
 
-/// The bytes of a reader as the stream a channel's output is.
+/// The bytes of a reader as the stream a channel's output is, ending at EOF or an error.
 fn bytes_of(
-    read: impl AsyncRead + Send + Unpin + 'static,
+    read: impl AsyncRead + Send + 'static,
 ) -> impl futures_util::Stream<Item = Result<Bytes, EngineError>> + Send {
-    futures_util::stream::unfold(read, |mut read| async move {
-        let mut buf = vec![0u8; 64 * 1024];
-        match read.read(&mut buf).await {
-            Ok(0) | Err(_) => None,
-            Ok(n) => {
-                buf.truncate(n);
-                Some((Ok(Bytes::from(buf)), read))
-            }
-        }
+    FramedRead::new(read, BytesCodec::new()).scan((), |_, chunk| {
+        std::future::ready(chunk.ok().map(|b| Ok(b.freeze())))
     })
 }
 
@@ -553,14 +541,7 @@ impl Supervisor {
     }
 
     fn reset(&mut self) -> Event {
-        let injected = {
-            let mut state = self.inner.state();
-            let f = &mut state.faults.fail_resets;
-            let injected = *f > 0;
-            *f = f.saturating_sub(1);
-            injected
-        };
-        if injected || self.tainted {
+        if self.tainted {
             return Event::ResetFailed {
                 message: "the fake sandbox found something it could not remove".to_string(),
             };
