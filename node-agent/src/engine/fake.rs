@@ -438,7 +438,30 @@ enum Channel {
     Nothing,
 }
 
-type Writer = Pin<Box<dyn AsyncWrite + Send>>;
+/// The supervisor's end of its channel: events out, commands in, and the commands that came
+/// during a stage and wait for it to end.
+struct Link {
+    write: Pin<Box<dyn AsyncWrite + Send>>,
+    commands: mpsc::UnboundedReceiver<Command>,
+    pending: VecDeque<Command>,
+}
+
+impl Link {
+    async fn send(&mut self, event: &Event) -> std::io::Result<()> {
+        let mut line = serde_json::to_vec(event).expect("events always serialize");
+        line.push(b'\n');
+        self.write.write_all(&line).await?;
+        self.write.flush().await
+    }
+
+    /// The next command, those held back first; `None` once the agent's end is closed.
+    async fn next(&mut self) -> Option<Command> {
+        match self.pending.pop_front() {
+            Some(command) => Some(command),
+            None => self.commands.recv().await,
+        }
+    }
+}
 
 /// One sandbox's PID 1.
 struct Supervisor {
@@ -470,7 +493,11 @@ struct Out {
 
 impl Supervisor {
     async fn run(mut self, channel: Channel, delay: Duration) {
-        let (read, mut write): (Pin<Box<dyn AsyncRead + Send>>, Writer) = match channel {
+        type Halves = (
+            Pin<Box<dyn AsyncRead + Send>>,
+            Pin<Box<dyn AsyncWrite + Send>>,
+        );
+        let (read, write): Halves = match channel {
             Channel::Socket(path) => match tokio::net::UnixStream::connect(&path).await {
                 Ok(stream) => {
                     let (r, w) = stream.into_split();
@@ -487,16 +514,8 @@ impl Supervisor {
             }
             Channel::Nothing => return,
         };
-        tokio::time::sleep(delay).await;
-        let hello = Event::Hello {
-            version: PROTOCOL_VERSION,
-            cgroup: "none".to_string(),
-        };
-        if send(&mut write, &hello).await.is_err() {
-            return;
-        }
         // Commands are read in their own task, so stdin and signals reach a running stage.
-        let (tx, mut commands) = mpsc::unbounded_channel();
+        let (tx, commands) = mpsc::unbounded_channel();
         let reader = tokio::spawn(async move {
             let mut lines = BufReader::new(read).lines();
             while let Ok(Some(line)) = lines.next_line().await {
@@ -511,33 +530,38 @@ impl Supervisor {
             }
         });
         let _reader = AbortOnDrop(reader);
-        let mut pending = VecDeque::new();
-        loop {
-            let command = match pending.pop_front() {
-                Some(c) => c,
-                None => match commands.recv().await {
-                    Some(c) => c,
-                    None => break,
-                },
-            };
+        let mut link = Link {
+            write,
+            commands,
+            pending: VecDeque::new(),
+        };
+        tokio::time::sleep(delay).await;
+        let hello = Event::Hello {
+            version: PROTOCOL_VERSION,
+            cgroup: "none".to_string(),
+        };
+        if link.send(&hello).await.is_err() {
+            return self.die(false);
+        }
+        while let Some(command) = link.next().await {
             let answer = match command {
                 Command::Ping => Event::Pong,
                 Command::Reset => self.reset(),
-                Command::Job(job) => {
-                    match self.job(job, &mut write, &mut commands, &mut pending).await {
-                        Some(answer) => answer,
-                        None => break, // the container died
-                    }
-                }
+                Command::Job(job) => match self.job(job, &mut link).await {
+                    Some(answer) => answer,
+                    None => break, // the container died
+                },
                 // Outside a job these are ignored, as the real supervisor does.
                 Command::Stdin { .. } | Command::CloseStdin { .. } | Command::Signal { .. } => {
                     continue
                 }
             };
-            if send(&mut write, &answer).await.is_err() {
+            if link.send(&answer).await.is_err() {
                 break;
             }
         }
+        // PID 1 is gone, and with it the container.
+        self.die(false);
     }
 
     fn reset(&mut self) -> Event {
@@ -551,13 +575,7 @@ impl Supervisor {
     }
 
     /// Runs a job; `None` when the container died on the way.
-    async fn job(
-        &mut self,
-        job: Job,
-        write: &mut Writer,
-        commands: &mut mpsc::UnboundedReceiver<Command>,
-        pending: &mut VecDeque<Command>,
-    ) -> Option<Event> {
+    async fn job(&mut self, job: Job, link: &mut Link) -> Option<Event> {
         let die = {
             let mut state = self.inner.state();
             let f = &mut state.faults.die_before_accept;
@@ -575,9 +593,7 @@ impl Supervisor {
             return None;
         }
         let id = job.id.clone();
-        send(write, &Event::Accepted { id: id.clone() })
-            .await
-            .ok()?;
+        link.send(&Event::Accepted { id: id.clone() }).await.ok()?;
         for f in &job.files {
             let content = base64::engine::general_purpose::STANDARD
                 .decode(&f.content_b64)
@@ -601,7 +617,7 @@ impl Supervisor {
                     id: id.clone(),
                     stage: stage.name.clone(),
                 };
-                send(write, &started).await.ok()?;
+                link.send(&started).await.ok()?;
             }
             let started = Instant::now();
             let mut out = Out {
@@ -616,7 +632,7 @@ impl Supervisor {
                 let version = self.inner.state().version.clone();
                 let tool = stage.argv.first().map_or("fake", String::as_str);
                 let line = format!("{tool} {}\n", version.as_deref().unwrap_or("1.0.0"));
-                out.write(OutputStream::Stdout, line.as_bytes(), &job, write)
+                out.write(OutputStream::Stdout, line.as_bytes(), &job, link)
                     .await
                     .ok()?
             } else {
@@ -626,7 +642,7 @@ impl Supervisor {
                     stdin_open: stage.interactive,
                     started,
                 };
-                self.interpret(&script, &mut run, &mut out, &job, write, commands, pending)
+                self.interpret(&script, &mut run, &mut out, &job, link)
                     .await?
             };
             let (status, exit_code, signal, overshoot) = match ending {
@@ -668,16 +684,13 @@ impl Supervisor {
     }
 
     /// Runs `script` as one stage; `Some(None)` when it ran to its end.
-    #[allow(clippy::too_many_arguments)]
     async fn interpret(
         &mut self,
         script: &[String],
         run: &mut StageRun<'_>,
         out: &mut Out,
         job: &Job,
-        write: &mut Writer,
-        commands: &mut mpsc::UnboundedReceiver<Command>,
-        pending: &mut VecDeque<Command>,
+        link: &mut Link,
     ) -> Option<Option<Ending>> {
         let compile = run.stage.name == "compile";
         for line in script {
@@ -686,7 +699,7 @@ impl Supervisor {
                 (_, "") => None,
                 (true, "compile-error") => {
                     let text = format!("{rest}\n");
-                    out.write(OutputStream::Stderr, text.as_bytes(), job, write)
+                    out.write(OutputStream::Stderr, text.as_bytes(), job, link)
                         .await
                         .ok()?
                         .or(Some(Ending::Exit(1)))
@@ -700,16 +713,16 @@ impl Supervisor {
                         OutputStream::Stderr
                     };
                     let text = format!("{rest}\n");
-                    out.write(stream, text.as_bytes(), job, write).await.ok()?
+                    out.write(stream, text.as_bytes(), job, link).await.ok()?
                 }
                 (false, "exit") => Some(Ending::Exit(rest.trim().parse().unwrap_or(1))),
                 (false, "sleep") => {
                     let ms = rest.trim().parse().unwrap_or(0);
-                    run.wait(Duration::from_millis(ms), commands, pending).await
+                    run.wait(Duration::from_millis(ms), link).await
                 }
-                (false, "read") => match run.read_line(commands, pending).await {
+                (false, "read") => match run.read_line(link).await {
                     Ok(Some(line)) => out
-                        .write(OutputStream::Stdout, &line, job, write)
+                        .write(OutputStream::Stdout, &line, job, link)
                         .await
                         .ok()?,
                     Ok(None) => None,
@@ -722,12 +735,12 @@ impl Supervisor {
                 }
                 (false, "cat") => match self.files.get(rest.trim()).cloned() {
                     Some(text) => out
-                        .write(OutputStream::Stdout, text.as_bytes(), job, write)
+                        .write(OutputStream::Stdout, text.as_bytes(), job, link)
                         .await
                         .ok()?,
                     None => {
                         let text = format!("cat: {rest}: No such file or directory\n");
-                        out.write(OutputStream::Stderr, text.as_bytes(), job, write)
+                        out.write(OutputStream::Stderr, text.as_bytes(), job, link)
                             .await
                             .ok()?
                             .or(Some(Ending::Exit(1)))
@@ -742,7 +755,7 @@ impl Supervisor {
                 }
                 (false, _) => {
                     let text = format!("fake: unknown command {word:?}\n");
-                    out.write(OutputStream::Stderr, text.as_bytes(), job, write)
+                    out.write(OutputStream::Stderr, text.as_bytes(), job, link)
                         .await
                         .ok()?
                         .or(Some(Ending::Exit(127)))
@@ -815,19 +828,14 @@ impl StageRun<'_> {
     }
 
     /// Waits `d`, or less when the wall limit or a signal comes first.
-    async fn wait(
-        &mut self,
-        d: Duration,
-        commands: &mut mpsc::UnboundedReceiver<Command>,
-        pending: &mut VecDeque<Command>,
-    ) -> Option<Ending> {
+    async fn wait(&mut self, d: Duration, link: &mut Link) -> Option<Ending> {
         let until = (Instant::now() + d).min(self.deadline());
         loop {
             tokio::select! {
                 () = tokio::time::sleep_until(until.into()) => break,
-                command = commands.recv() => match command {
+                command = link.commands.recv() => match command {
                     Some(c) => {
-                        if let Some(ending) = self.during(c, pending) {
+                        if let Some(ending) = self.during(c, &mut link.pending) {
                             return Some(ending);
                         }
                     }
@@ -839,11 +847,7 @@ impl StageRun<'_> {
     }
 
     /// One line of stdin (newline included), `None` at its end.
-    async fn read_line(
-        &mut self,
-        commands: &mut mpsc::UnboundedReceiver<Command>,
-        pending: &mut VecDeque<Command>,
-    ) -> Result<Option<Vec<u8>>, Ending> {
+    async fn read_line(&mut self, link: &mut Link) -> Result<Option<Vec<u8>>, Ending> {
         loop {
             if let Some(i) = self.stdin.iter().position(|&b| b == b'\n') {
                 return Ok(Some(self.stdin.drain(..=i).collect()));
@@ -856,9 +860,9 @@ impl StageRun<'_> {
                 () = tokio::time::sleep_until(self.deadline().into()) => {
                     return Err(Ending::Killed("SIGKILL", Status::Timeout));
                 }
-                command = commands.recv() => match command {
+                command = link.commands.recv() => match command {
                     Some(c) => {
-                        if let Some(ending) = self.during(c, pending) {
+                        if let Some(ending) = self.during(c, &mut link.pending) {
                             return Err(ending);
                         }
                     }
@@ -877,7 +881,7 @@ impl Out {
         stream: OutputStream,
         data: &[u8],
         job: &Job,
-        write: &mut Writer,
+        link: &mut Link,
     ) -> std::io::Result<Option<Ending>> {
         let (buf, truncated) = match stream {
             OutputStream::Stdout => (&mut self.stdout, &mut self.stdout_truncated),
@@ -895,7 +899,7 @@ impl Out {
                 offset,
                 data_b64: base64::engine::general_purpose::STANDARD.encode(kept),
             };
-            send(write, &event).await?;
+            link.send(&event).await?;
         }
         if kept.len() < data.len() {
             *truncated = true;
@@ -912,13 +916,6 @@ fn signal_name(signal: i32) -> &'static str {
         15 => "SIGTERM",
         _ => "SIGUSR1",
     }
-}
-
-async fn send(write: &mut Writer, event: &Event) -> std::io::Result<()> {
-    let mut line = serde_json::to_vec(event).expect("events always serialize");
-    line.push(b'\n');
-    write.write_all(&line).await?;
-    write.flush().await
 }
 
 #[cfg(test)]
