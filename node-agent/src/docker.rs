@@ -48,10 +48,6 @@ fn map(call: &'static str) -> impl FnOnce(BollardError) -> EngineError {
             call,
             message: e.to_string(),
         },
-        BollardError::RequestTimeoutError => EngineError::Timeout {
-            call,
-            after: Duration::ZERO,
-        },
         e => EngineError::Failed {
             call,
             message: e.to_string(),
@@ -65,8 +61,12 @@ async fn timed<T>(
     fut: impl std::future::Future<Output = Result<T, BollardError>>,
 ) -> Result<T, EngineError> {
     match tokio::time::timeout(after, fut).await {
-        Ok(r) => r.map_err(map(call)),
-        Err(_) => Err(EngineError::Timeout { call, after }),
+        Ok(Ok(v)) => Ok(v),
+        // bollard's own client timeout (set to the longest of ours, see `connect`).
+        Ok(Err(BollardError::RequestTimeoutError)) | Err(_) => {
+            Err(EngineError::Timeout { call, after })
+        }
+        Ok(Err(e)) => Err(map(call)(e)),
     }
 }
 
@@ -84,6 +84,15 @@ impl Docker {
     /// first call.
     pub fn connect(timeouts: Timeouts) -> Result<Docker, EngineError> {
         let inner = bollard::Docker::connect_with_local_defaults().map_err(map("connect"))?;
+        // The bounds that count are ours, per call; bollard's one client-wide timeout (120 s by
+        // default, shorter than a build) must not end a call first.
+        let longest = [
+            timeouts.ping,
+            timeouts.call,
+            timeouts.container,
+            timeouts.build,
+        ];
+        let inner = inner.with_timeout(longest.into_iter().max().unwrap_or_default());
         Ok(Docker { inner, timeouts })
     }
 
@@ -418,4 +427,57 @@ fn dockerfile_of(context_tar: &[u8]) -> Option<String> {
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// bollard's errors become what failed: the engine's answer by status, a transport that
+    /// failed as unreachable, anything else as failed.
+    #[test]
+    fn bollard_errors_map_to_what_failed() {
+        let server = |status_code: u16| BollardError::DockerResponseServerError {
+            status_code,
+            message: "m".into(),
+        };
+        let io = || BollardError::IOError {
+            err: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+        };
+        let kind = |e: &EngineError| match e {
+            EngineError::NotFound { .. } => "not found",
+            EngineError::Conflict { .. } => "conflict",
+            EngineError::Rejected { status: 500, .. } => "rejected 500",
+            EngineError::Unreachable { .. } => "unreachable",
+            EngineError::Failed { .. } => "failed",
+            _ => "other",
+        };
+        let table = [
+            (server(404), "not found"),
+            (server(409), "conflict"),
+            (server(500), "rejected 500"),
+            (io(), "unreachable"),
+            (
+                BollardError::SocketNotFoundError("/x".into()),
+                "unreachable",
+            ),
+            (BollardError::APIVersionParseError {}, "failed"),
+        ];
+        for (bollard, want) in table {
+            let text = bollard.to_string();
+            assert_eq!(kind(&map("call")(bollard)), want, "{text}");
+        }
+    }
+
+    #[test]
+    fn a_build_context_yields_its_dockerfile() {
+        let recipe = crate::images::Recipe {
+            files: vec![
+                ("Dockerfile".into(), b"FROM debian:12\n".to_vec()),
+                ("setup.sh".into(), b"true\n".to_vec()),
+            ],
+        };
+        let dockerfile = dockerfile_of(&recipe.context_tar());
+        assert_eq!(dockerfile.as_deref(), Some("FROM debian:12\n"));
+    }
 }
