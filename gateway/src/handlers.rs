@@ -33,6 +33,7 @@ pub const OPENAPI: &str = include_str!("../openapi.json");
 pub fn router(gw: Arc<Gateway>) -> Router {
     let public = Router::new()
         .route("/v1/execute", post(execute))
+        .route("/v1/judge", post(crate::judge::judge))
         .route("/v1/languages", get(languages))
         .route("/v1/sessions", post(create_session))
         .route("/v1/sessions/{id}/execute", post(session_execute))
@@ -65,7 +66,10 @@ const PLACEHOLDER_FILE_NAME: &str = "main";
 
 /// The input rules an agent would apply, checked here so bad input never leaves the gateway.
 /// Returns the limits the job will run with.
-fn check_job(gw: &Gateway, request: &ExecuteRequest) -> Result<ResolvedLimits, GatewayError> {
+pub(crate) fn check_job(
+    gw: &Gateway,
+    request: &ExecuteRequest,
+) -> Result<ResolvedLimits, GatewayError> {
     let files = request.files.as_deref();
     job_files(request.source.as_deref(), files, PLACEHOLDER_FILE_NAME)
         .map_err(GatewayError::Invalid)?;
@@ -79,7 +83,7 @@ fn check_limits(gw: &Gateway, limits: Option<&Limits>) -> Result<ResolvedLimits,
 }
 
 /// The canonical language a request names, and its version prefix.
-fn resolve_language<'s>(
+pub(crate) fn resolve_language<'s>(
     snapshot: &'s Snapshot,
     language: Option<&str>,
     version: Option<&str>,
@@ -98,7 +102,10 @@ fn resolve_language<'s>(
 }
 
 /// Tags the answer with the canonical language for the request metrics.
-fn labelled(language: Option<String>, result: Result<Response, GatewayError>) -> Response {
+pub(crate) fn labelled(
+    language: Option<String>,
+    result: Result<Response, GatewayError>,
+) -> Response {
     let mut response = result.into_response();
     if let Some(language) = language {
         response.extensions_mut().insert(LanguageLabel(language));
