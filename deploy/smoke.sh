@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs a hello world in each of the six built-in languages against a running codefleet
+# Runs a hello world in each of the fifteen built-in languages against a running codefleet
 # (default http://127.0.0.1:8080, the address deploy/up.sh serves) and fails unless every one
 # answers `ok` with the expected output. `deploy/smoke.sh URL [--wait SECONDS]`: with --wait, it
 # first waits that long at most for every language to be ready.
@@ -18,6 +18,15 @@ hello = {
     "java": 'public class Main { public static void main(String[] a) { System.out.println("hello from java"); } }\n',
     "cpp": '#include <iostream>\nint main() { std::cout << "hello from cpp" << std::endl; }\n',
     "rust": 'fn main() { println!("hello from rust"); }\n',
+    "c": '#include <stdio.h>\nint main(void) { puts("hello from c"); return 0; }\n',
+    "typescript": 'const who: string = "typescript";\nconsole.log(`hello from ${who}`);\n',
+    "bash": 'echo "hello from bash"\n',
+    "ruby": 'puts "hello from ruby"\n',
+    "php": '<?php echo "hello from php\\n";\n',
+    "lua": 'print("hello from lua")\n',
+    "perl": 'print "hello from perl\\n";\n',
+    "sqlite": "SELECT 'hello from sqlite';\n",
+    "csharp": 'public class P { public static void Main() { System.Console.WriteLine("hello from csharp"); } }\n',
 }
 
 def call(path, body=None):

@@ -1,21 +1,14 @@
 #!/usr/bin/env bash
-# Makes the base image `debian:bookworm-slim` without a registry: pull it when a registry answers,
-# otherwise `debootstrap --variant=minbase bookworm` into a temporary folder and `docker import`.
-# The Debian mirror is the one this host's apt already uses, so nothing here names a host.
-# Idempotent: does nothing when the image is already present.
+# Makes the base images `debian:<suite>-slim` without a registry: pull each when a registry
+# answers, otherwise `debootstrap --variant=minbase <suite>` into a temporary folder and
+# `docker import`. `bootstrap-base.sh [SUITE...]`: bookworm and trixie by default (the language
+# recipes are built FROM both, see deploy/images/README.md). The Debian mirror is the one this
+# host's apt already uses, so nothing here names a host. Idempotent: does nothing for an image
+# already present. CODEFLEET_BASE_IMAGE names one image (of the first suite) instead.
 set -euo pipefail
 
-IMAGE=${CODEFLEET_BASE_IMAGE:-debian:bookworm-slim}
-
-if docker image inspect "$IMAGE" >/dev/null 2>&1; then
-  echo "base image $IMAGE: present"
-  exit 0
-fi
-
-if timeout 60 docker pull "$IMAGE" >/dev/null 2>&1; then
-  echo "base image $IMAGE: pulled"
-  exit 0
-fi
+SUITES=("$@")
+[ ${#SUITES[@]} -gt 0 ] || SUITES=(bookworm trixie)
 
 mirror() {
   local m
@@ -24,23 +17,59 @@ mirror() {
   printf '%s' "$m"
 }
 
-if ! command -v debootstrap >/dev/null 2>&1; then
-  echo "installing debootstrap"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq debootstrap >/dev/null
-fi
+# debootstrap knows the suites of its own release and older; a newer one (trixie on a bookworm
+# host) is bootstrapped with the script of the nearest it knows: they are all symlinks to sid's.
+script_for() {
+  local suite=$1
+  if [ -e "/usr/share/debootstrap/scripts/$suite" ]; then printf '%s' "$suite"; else printf 'sid'; fi
+}
 
-MIRROR=$(mirror)
-[ -n "$MIRROR" ] || { echo "no Debian mirror found in this host's apt sources" >&2; exit 1; }
+bootstrap() {
+  local suite=$1 image=$2
+  if docker image inspect "$image" >/dev/null 2>&1; then
+    echo "base image $image: present"
+    return 0
+  fi
+  if timeout 60 docker pull "$image" >/dev/null 2>&1; then
+    echo "base image $image: pulled"
+    return 0
+  fi
+  if ! command -v debootstrap >/dev/null 2>&1; then
+    echo "installing debootstrap"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq debootstrap >/dev/null
+  fi
+  local mirror root start
+  mirror=$(mirror)
+  [ -n "$mirror" ] || { echo "no Debian mirror found in this host's apt sources" >&2; return 1; }
+  root=$(mktemp -d /tmp/codefleet-rootfs.XXXXXX)
+  echo "base image $image: debootstrap --variant=minbase $suite (mirror from apt sources)"
+  start=$(date +%s)
+  if ! debootstrap --variant=minbase "$suite" "$root" "$mirror" \
+         "/usr/share/debootstrap/scripts/$(script_for "$suite")" >"$root.log" 2>&1; then
+    tail -n 30 "$root.log" >&2
+    rm -rf "$root" "$root.log"
+    return 1
+  fi
+  rm -f "$root.log"
+  # Slim it like the official image: no apt lists, docs or man pages, and apt keeps no
+  # downloaded package in the images built on it (the official image's docker-clean).
+  rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin "$root"/usr/share/doc/* "$root"/usr/share/man/*
+  cat >"$root/etc/apt/apt.conf.d/docker-clean" <<'EOF'
+DPkg::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };
+APT::Update::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };
+Dir::Cache::pkgcache "";
+Dir::Cache::srcpkgcache "";
+EOF
+  tar -C "$root" -c . | docker import - "$image" >/dev/null
+  rm -rf "$root"
+  echo "base image $image: imported in $(( $(date +%s) - start ))s"
+}
 
-ROOT=$(mktemp -d /tmp/codefleet-rootfs.XXXXXX)
-trap 'rm -rf "$ROOT"' EXIT
-echo "base image $IMAGE: debootstrap --variant=minbase bookworm (mirror from apt sources)"
-start=$(date +%s)
-debootstrap --variant=minbase bookworm "$ROOT" "$MIRROR" >"$ROOT.log" 2>&1 || { tail -n 30 "$ROOT.log" >&2; exit 1; }
-rm -f "$ROOT.log"
-# Slim it like the official image: no apt lists, docs or man pages.
-rm -rf "$ROOT"/var/lib/apt/lists/* "$ROOT"/var/cache/apt/*.bin "$ROOT"/usr/share/doc/* "$ROOT"/usr/share/man/*
-tar -C "$ROOT" -c . | docker import - "$IMAGE" >/dev/null
-echo "base image $IMAGE: imported in $(( $(date +%s) - start ))s"
+for suite in "${SUITES[@]}"; do
+  image="debian:$suite-slim"
+  [ -n "${CODEFLEET_BASE_IMAGE:-}" ] && image=$CODEFLEET_BASE_IMAGE
+  bootstrap "$suite" "$image"
+  [ -n "${CODEFLEET_BASE_IMAGE:-}" ] && break
+done

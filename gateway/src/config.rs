@@ -105,6 +105,18 @@ pub struct Config {
     #[arg(long, env = "CODEFLEET_DISPATCH_MARGIN_MS", default_value_t = 5_000)]
     pub dispatch_margin_ms: u64,
 
+    /// Milliseconds a streamed answer (NDJSON, or `/v1/connect`) may wait for a client that
+    /// stopped reading; then the client is disconnected, and with it the node (which kills the
+    /// job).
+    #[arg(long, env = "CODEFLEET_STREAM_STALL_MS", default_value_t = 10_000)]
+    pub stream_stall_ms: u64,
+
+    /// Milliseconds a `/v1/connect` socket may pass with no message either way before the
+    /// gateway closes it (4000); longer than any job's time limits, so the agent's own limits
+    /// speak first.
+    #[arg(long, env = "CODEFLEET_CONNECT_IDLE_MS", default_value_t = 120_000)]
+    pub connect_idle_ms: u64,
+
     /// Seconds a client has to send its request headers (and an idle connection stays open).
     #[arg(long, env = "CODEFLEET_HEADER_TIMEOUT_S", default_value_t = 10)]
     pub header_timeout_s: u64,
@@ -198,6 +210,8 @@ impl Config {
             ("--header-timeout-s", self.header_timeout_s),
             ("--body-timeout-ms", self.body_timeout_ms),
             ("--max-connections", self.max_connections as u64),
+            ("--stream-stall-ms", self.stream_stall_ms),
+            ("--connect-idle-ms", self.connect_idle_ms),
         ];
         if let Some((flag, _)) = positive.into_iter().find(|(_, v)| *v == 0) {
             return bad(flag, "must be positive");
@@ -240,6 +254,22 @@ impl Config {
 
     pub fn dispatch_margin(&self) -> Duration {
         Duration::from_millis(self.dispatch_margin_ms)
+    }
+
+    pub fn stream_stall(&self) -> Duration {
+        Duration::from_millis(self.stream_stall_ms)
+    }
+
+    pub fn connect_idle(&self) -> Duration {
+        Duration::from_millis(self.connect_idle_ms)
+    }
+
+    /// The longest event (NDJSON line, WebSocket message) taken from an agent: a result carries
+    /// up to four outputs (compile and run, stdout and stderr) of `--max-output-bytes`, each at
+    /// most six times longer as JSON (`\u0000`), plus the rest of the object.
+    pub fn max_event_bytes(&self) -> usize {
+        let output = usize::try_from(self.max_output_bytes).unwrap_or(usize::MAX);
+        output.saturating_mul(4 * 6).saturating_add(64 << 10)
     }
 }
 

@@ -1,6 +1,8 @@
-//! Dispatch: sending a job to a node over one pooled HTTP client, racing the answer against the
-//! node being lost, waiting a bounded time when every node is full, and trying the next node only
-//! when the previous one cannot have started the job.
+//! Dispatch: sending a job to a node over one pooled HTTP client (or, for `/v1/connect`, a
+//! WebSocket of its own), racing the answer against the node being lost, waiting a bounded time
+//! when every node is full, and trying the next node only when the previous one certainly did not
+//! start the job: the connection failed before the job was sent, or the agent said so
+//! ([`NOT_STARTED_HEADER`] on its error answer; a socket that ended before its first event).
 
 use std::error::Error as _;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -8,14 +10,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::http::{header, Method, StatusCode};
-use codefleet_shared::cluster::QUEUE_WAIT_HEADER;
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use codefleet_shared::cluster::{NOT_STARTED_HEADER, QUEUE_WAIT_HEADER};
+use codefleet_shared::stream::{JobEvent, NDJSON};
 use codefleet_shared::{ErrorCode, Problem, ResolvedLimits};
+use futures_util::{SinkExt as _, StreamExt as _};
 use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest as _, protocol::frame};
 
 use crate::error::GatewayError;
 use crate::line::Place;
-use crate::membership::NodeHandle;
+use crate::membership::{InflightGuard, NodeHandle};
 use crate::metrics;
 use crate::routing::{Decision, NodeId, Want};
 use crate::{Config, Gateway};
@@ -31,14 +36,35 @@ pub struct Dispatcher {
     client: reqwest::Client,
     cluster_token: Option<String>,
     budget: RetryBudget,
+    /// The largest event an agent's `/v1/connect` socket may send (its result carries the
+    /// output, like the buffered answer).
+    max_event_bytes: usize,
 }
+
+/// A WebSocket to an agent's `/v1/connect`.
+pub type AgentSocket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// An agent's answer, whatever its status.
 #[derive(Debug)]
 pub struct Reply {
     pub status: StatusCode,
+    /// The whole body; empty when the answer is still to be read from `upstream`.
     pub body: Bytes,
     retry_after: Option<u64>,
+    pub upstream: Option<Upstream>,
+}
+
+/// A job's answer that is still coming: what [`Delivery::Stream`] and [`Delivery::Connect`] get.
+#[derive(Debug)]
+pub enum Upstream {
+    /// A 200 answer whose NDJSON body is unread.
+    Lines(reqwest::Response),
+    /// The agent's socket, and the first message it sent (an event, or its close).
+    Socket {
+        socket: Box<AgentSocket>,
+        first: tungstenite::Message,
+    },
 }
 
 impl Reply {
@@ -47,6 +73,17 @@ impl Reply {
         let mut problem: Problem = serde_json::from_slice(&self.body).ok()?;
         problem.retry_after_s = self.retry_after.or(problem.code.default_retry_after());
         Some(problem)
+    }
+
+    /// The answer's problem, or one made from its status.
+    fn problem_or_status(&self) -> Problem {
+        self.problem().unwrap_or_else(|| {
+            let code = ErrorCode::for_status(self.status.as_u16());
+            Problem::new(
+                code,
+                format!("status {} without a problem body", self.status),
+            )
+        })
     }
 
     /// The body when the status is `expected`; otherwise the agent's problem, passed on.
@@ -77,9 +114,13 @@ pub enum AttemptError {
     /// No connection could be made: the request never left.
     #[error("could not connect: {0}")]
     Refused(String),
-    /// The agent answered 503 `no_capacity` or `language_unavailable`: it did not start the job.
+    /// The agent's error answer (a 5xx) carried [`NOT_STARTED_HEADER`], or its socket sent an
+    /// `error` event before `accepted`: no sandbox took the job (say, `no_capacity`).
     #[error("{}", .0.detail)]
-    Busy(Problem),
+    NotStarted(Problem),
+    /// The agent's socket ended before its first event: the job was never accepted.
+    #[error("{0}")]
+    Dropped(String),
     /// The request was sent and then the connection failed, or membership lost the node.
     #[error("{0}")]
     Lost(String),
@@ -88,18 +129,20 @@ pub enum AttemptError {
 }
 
 impl AttemptError {
-    /// True when the node cannot have started the job, so another node may run it.
+    /// True when the node certainly did not start the job, so another node may run it.
     pub fn not_started(&self) -> bool {
-        matches!(self, AttemptError::Refused(_) | AttemptError::Busy(_))
+        matches!(
+            self,
+            AttemptError::Refused(_) | AttemptError::NotStarted(_) | AttemptError::Dropped(_)
+        )
     }
 
+    /// The `reason` label of the retries metric.
     fn reason(&self) -> &'static str {
         match self {
             AttemptError::Refused(_) => "refused",
-            AttemptError::Busy(p) if p.code == ErrorCode::LanguageUnavailable => {
-                "language_unavailable"
-            }
-            AttemptError::Busy(_) => "no_capacity",
+            AttemptError::NotStarted(problem) => problem.code.as_str(),
+            AttemptError::Dropped(_) => "dropped",
             AttemptError::Lost(_) => "lost",
             AttemptError::TimedOut(_) => "timeout",
         }
@@ -112,8 +155,10 @@ impl AttemptError {
             AttemptError::Refused(reason) => GatewayError::NoCapacity {
                 detail: format!("no node could take the job; the last, {node}, {reason}"),
             },
-            AttemptError::Busy(problem) => GatewayError::Agent { node, problem },
-            lost @ (AttemptError::Lost(_) | AttemptError::TimedOut(_)) => GatewayError::NodeLost {
+            AttemptError::NotStarted(problem) => GatewayError::Agent { node, problem },
+            lost @ (AttemptError::Dropped(_)
+            | AttemptError::Lost(_)
+            | AttemptError::TimedOut(_)) => GatewayError::NodeLost {
                 node,
                 reason: lost.to_string(),
             },
@@ -136,7 +181,32 @@ impl Dispatcher {
             client,
             cluster_token: config.cluster_token.clone(),
             budget: RetryBudget::new(),
+            max_event_bytes: config.max_event_bytes(),
         })
+    }
+
+    /// One attempt of `job` on `node`, which may wait up to `queue_wait` in the agent's queue.
+    pub async fn attempt(
+        &self,
+        node: &NodeHandle,
+        job: &Job<'_>,
+        queue_wait: Duration,
+    ) -> Result<Reply, AttemptError> {
+        let timeout = job.timeout + queue_wait;
+        match job.delivery {
+            Delivery::Buffered | Delivery::Stream => {
+                let call = Call {
+                    method: Method::POST,
+                    path: job.path,
+                    body: Some(job.body.clone()),
+                    timeout,
+                    queue_wait: Some(queue_wait),
+                    stream: job.delivery == Delivery::Stream,
+                };
+                self.send(node, call).await
+            }
+            Delivery::Connect => self.connect(node, job, timeout, queue_wait).await,
+        }
     }
 
     /// A job's POST to one node, which may wait up to `queue_wait` in the agent's queue.
@@ -148,10 +218,15 @@ impl Dispatcher {
         timeout: Duration,
         queue_wait: Duration,
     ) -> Result<Reply, AttemptError> {
-        let wait = queue_wait.as_millis().to_string();
-        let header = (QUEUE_WAIT_HEADER, wait.as_str());
-        self.send(node, Method::POST, path, Some(body), timeout, Some(header))
-            .await
+        let call = Call {
+            method: Method::POST,
+            path,
+            body: Some(body),
+            timeout,
+            queue_wait: Some(queue_wait),
+            stream: false,
+        };
+        self.send(node, call).await
     }
 
     /// One call to one node. Ends as soon as the answer is in, the connection fails, `timeout`
@@ -164,27 +239,38 @@ impl Dispatcher {
         body: Option<Bytes>,
         timeout: Duration,
     ) -> Result<Reply, AttemptError> {
-        self.send(node, method, path, body, timeout, None).await
+        let call = Call {
+            method,
+            path,
+            body,
+            timeout,
+            queue_wait: None,
+            stream: false,
+        };
+        self.send(node, call).await
     }
 
-    async fn send(
-        &self,
-        node: &NodeHandle,
-        method: Method,
-        path: &str,
-        body: Option<Bytes>,
-        timeout: Duration,
-        header: Option<(&'static str, &str)>,
-    ) -> Result<Reply, AttemptError> {
+    async fn send(&self, node: &NodeHandle, call: Call<'_>) -> Result<Reply, AttemptError> {
         if node.is_lost() {
             return Err(AttemptError::Refused("the node is down".to_string()));
         }
+        let Call {
+            method,
+            path,
+            body,
+            timeout,
+            queue_wait,
+            stream,
+        } = call;
         let mut request = self
             .client
             .request(method, format!("{}{path}", node.address))
             .timeout(timeout);
-        if let Some((name, value)) = header {
-            request = request.header(name, value);
+        if let Some(wait) = queue_wait {
+            request = request.header(QUEUE_WAIT_HEADER, wait.as_millis().to_string());
+        }
+        if stream {
+            request = request.header(header::ACCEPT, NDJSON);
         }
         // The agent logs the job under the client's request id too.
         if let Some(id) = codefleet_http_edge::request_id::current() {
@@ -205,30 +291,213 @@ impl Dispatcher {
                 .headers()
                 .get(header::RETRY_AFTER)
                 .and_then(|v| v.to_str().ok()?.parse().ok());
+            let not_started = response.headers().contains_key(NOT_STARTED_HEADER);
+            if stream && status == StatusCode::OK {
+                let reply = Reply {
+                    status,
+                    body: Bytes::new(),
+                    retry_after,
+                    upstream: Some(Upstream::Lines(response)),
+                };
+                return Ok((reply, false));
+            }
             let body = response.bytes().await.map_err(|e| classify(e, timeout))?;
-            Ok(Reply {
+            let reply = Reply {
                 status,
                 body,
                 retry_after,
-            })
+                upstream: None,
+            };
+            Ok((reply, not_started))
         };
-        let reply = tokio::select! {
+        let (reply, not_started) = tokio::select! {
             reply = exchange => reply?,
             () = node.lost() => {
                 return Err(AttemptError::Lost("the node stopped reporting".to_string()));
             }
         };
-        if reply.status == StatusCode::SERVICE_UNAVAILABLE {
-            if let Some(problem) = reply.problem() {
-                if matches!(
-                    problem.code,
-                    ErrorCode::NoCapacity | ErrorCode::LanguageUnavailable
-                ) {
-                    return Err(AttemptError::Busy(problem));
-                }
-            }
+        // A 4xx is the request's own fault: another node would say the same.
+        if not_started && reply.status.is_server_error() {
+            return Err(AttemptError::NotStarted(reply.problem_or_status()));
         }
         Ok(reply)
+    }
+
+    /// Opens `node`'s `/v1/connect`, sends the job's body as the first message and reads the
+    /// agent's first message: the job has started once that is an event other than an `error`
+    /// of the node's (5xx); anything that ends before it is [`AttemptError::Dropped`].
+    async fn connect(
+        &self,
+        node: &NodeHandle,
+        job: &Job<'_>,
+        timeout: Duration,
+        queue_wait: Duration,
+    ) -> Result<Reply, AttemptError> {
+        if node.is_lost() {
+            return Err(AttemptError::Refused("the node is down".to_string()));
+        }
+        let url = format!("{}{}", ws_base(&node.address), job.path);
+        let mut request = url
+            .as_str()
+            .into_client_request()
+            .map_err(|e| AttemptError::Refused(format!("bad node address {url:?}: {e}")))?;
+        let headers = request.headers_mut();
+        let wait = queue_wait.as_millis().to_string();
+        headers.insert(
+            QUEUE_WAIT_HEADER,
+            HeaderValue::from_str(&wait).expect("digits"),
+        );
+        if let Some(id) = codefleet_http_edge::request_id::current() {
+            headers.insert(codefleet_http_edge::request_id::HEADER, id.header_value());
+        }
+        if let Some(token) = &self.cluster_token {
+            let bearer = HeaderValue::from_str(&format!("Bearer {token}"))
+                .map_err(|_| AttemptError::Refused("the cluster token is not a header".into()))?;
+            headers.insert(header::AUTHORIZATION, bearer);
+        }
+        let config = tungstenite::protocol::WebSocketConfig::default()
+            .max_message_size(Some(self.max_event_bytes))
+            .max_frame_size(Some(self.max_event_bytes));
+        let handshake = tokio_tungstenite::connect_async_with_config(request, Some(config), true);
+        let opened = match tokio::time::timeout(CONNECT_TIMEOUT * 2, handshake).await {
+            Err(_) => return Err(AttemptError::Refused("no handshake in time".to_string())),
+            Ok(Err(error)) => return handshake_failed(error),
+            Ok(Ok((socket, _))) => socket,
+        };
+        let first = async {
+            let mut socket = opened;
+            let body = String::from_utf8_lossy(&job.body).into_owned();
+            if let Err(error) = socket.send(tungstenite::Message::text(body)).await {
+                return Err(AttemptError::Dropped(format!(
+                    "could not send the job: {error}"
+                )));
+            }
+            loop {
+                let message = match socket.next().await {
+                    Some(Ok(message)) => message,
+                    Some(Err(error)) => {
+                        return Err(AttemptError::Dropped(format!(
+                            "the socket failed before the first event: {error}"
+                        )))
+                    }
+                    None => {
+                        return Err(AttemptError::Dropped(
+                            "the socket ended before the first event".to_string(),
+                        ))
+                    }
+                };
+                match first_message(&message) {
+                    First::Skip => continue,
+                    First::Failed(failure) => return Err(failure),
+                    First::Started => return Ok((socket, message)),
+                }
+            }
+        };
+        let (socket, first) = tokio::select! {
+            first = tokio::time::timeout(timeout, first) => {
+                first.map_err(|_| AttemptError::TimedOut(timeout))??
+            }
+            () = node.lost() => {
+                return Err(AttemptError::Lost("the node stopped reporting".to_string()));
+            }
+        };
+        Ok(Reply {
+            status: StatusCode::SWITCHING_PROTOCOLS,
+            body: Bytes::new(),
+            retry_after: None,
+            upstream: Some(Upstream::Socket {
+                socket: Box::new(socket),
+                first,
+            }),
+        })
+    }
+}
+
+/// One HTTP call to an agent.
+struct Call<'a> {
+    method: Method,
+    path: &'a str,
+    body: Option<Bytes>,
+    timeout: Duration,
+    /// Sent as [`QUEUE_WAIT_HEADER`]: the job may wait this long in the agent's queue.
+    queue_wait: Option<Duration>,
+    /// Asks for the NDJSON stream; a 200's body is then left unread.
+    stream: bool,
+}
+
+/// `ws://` for an agent's `http://` base URL.
+fn ws_base(address: &str) -> String {
+    match address.strip_prefix("http://") {
+        Some(rest) => format!("ws://{rest}"),
+        None => address.replacen("https://", "wss://", 1),
+    }
+}
+
+/// A `/v1/connect` handshake that failed. Nothing was sent yet, so the job did not start; an
+/// HTTP answer other than 101 is the agent's own (passed on unless it says it did not start).
+fn handshake_failed(error: tungstenite::Error) -> Result<Reply, AttemptError> {
+    match error {
+        tungstenite::Error::Http(response) => {
+            let not_started = response.headers().contains_key(NOT_STARTED_HEADER);
+            let reply = Reply {
+                status: response.status(),
+                retry_after: response
+                    .headers()
+                    .get(header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok()?.parse().ok()),
+                body: Bytes::from(response.into_body().unwrap_or_default()),
+                upstream: None,
+            };
+            if not_started && reply.status.is_server_error() {
+                return Err(AttemptError::NotStarted(reply.problem_or_status()));
+            }
+            Ok(reply)
+        }
+        tungstenite::Error::Io(error) if error.kind() == std::io::ErrorKind::ConnectionRefused => {
+            Err(AttemptError::Refused(error.to_string()))
+        }
+        other => Err(AttemptError::Dropped(format!(
+            "no WebSocket handshake: {other}"
+        ))),
+    }
+}
+
+/// What the agent's first message on `/v1/connect` says about the job.
+enum First {
+    /// A ping or pong: read on.
+    Skip,
+    Failed(AttemptError),
+    /// An event (the job was accepted, or refused for a reason of the request's own), or a close
+    /// of the agent's own choosing (a bad first message): the client gets it.
+    Started,
+}
+
+fn first_message(message: &tungstenite::Message) -> First {
+    use tungstenite::Message;
+    match message {
+        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => First::Skip,
+        Message::Text(text) => match serde_json::from_str::<JobEvent>(text) {
+            Ok(JobEvent::Error { error }) if error.status >= 500 => {
+                First::Failed(AttemptError::NotStarted(error))
+            }
+            _ => First::Started,
+        },
+        Message::Binary(_) => First::Started,
+        Message::Close(frame) => {
+            use frame::coding::CloseCode;
+            let code = frame.as_ref().map(|f| f.code);
+            match code {
+                None | Some(CloseCode::Away | CloseCode::Error | CloseCode::Again) => {
+                    let said = frame
+                        .as_ref()
+                        .map_or(String::new(), |f| format!(": {}", f.reason));
+                    First::Failed(AttemptError::Dropped(format!(
+                        "the agent closed the socket before the first event{said}"
+                    )))
+                }
+                Some(_) => First::Started,
+            }
+        }
     }
 }
 
@@ -395,8 +664,21 @@ pub struct Job<'a> {
     pub version: Option<&'a str>,
     /// Agent path, e.g. `/v1/execute`.
     pub path: &'static str,
+    /// The request's body (on `/v1/connect`, the first message).
     pub body: Bytes,
     pub timeout: Duration,
+    pub delivery: Delivery,
+}
+
+/// How a job's answer comes back from its node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// The whole answer at once.
+    Buffered,
+    /// `Accept: application/x-ndjson`: a 200's events, read as they come ([`Upstream::Lines`]).
+    Stream,
+    /// `/v1/connect`: the agent's WebSocket ([`Upstream::Socket`]).
+    Connect,
 }
 
 /// Where and how a job ran.
@@ -406,6 +688,8 @@ pub struct Placed {
     pub attempts: u32,
     /// Time spent waiting at the gateway for a node with room.
     pub waited: Duration,
+    /// The job counted in flight on its node until this drops (a stream holds it to its end).
+    pub inflight: InflightGuard,
 }
 
 /// Places `job`: routes it, waits up to `--queue-wait-ms` while every candidate is full, sends
@@ -516,17 +800,7 @@ pub async fn place(gw: &Gateway, job: Job<'_>) -> Result<Placed, GatewayError> {
         let inflight = node.begin(Arc::clone(&gw.freed));
         // What is left of the job's wait may be spent in the agent's own queue.
         let queue_left = deadline.saturating_duration_since(Instant::now());
-        let result = gw
-            .dispatcher
-            .call_queued(
-                &node,
-                job.path,
-                job.body.clone(),
-                job.timeout + queue_left,
-                queue_left,
-            )
-            .await;
-        drop(inflight);
+        let result = gw.dispatcher.attempt(&node, &job, queue_left).await;
         tried.push(node.id.clone());
         let failure = match result {
             Ok(reply) => {
@@ -535,10 +809,12 @@ pub async fn place(gw: &Gateway, job: Job<'_>) -> Result<Placed, GatewayError> {
                     node: node.id.clone(),
                     attempts: tried.len() as u32,
                     waited,
+                    inflight,
                 })
             }
             Err(failure) => failure,
         };
+        drop(inflight);
         if matches!(failure, AttemptError::Refused(_)) {
             gw.mark_unreachable(&node);
         }
@@ -575,8 +851,41 @@ pub async fn call_bound(
         }
         (method, body) => gw.dispatcher.call(node, method, path, body, timeout).await,
     };
-    result.map_err(|failure| match failure {
-        AttemptError::Busy(problem) => GatewayError::Agent {
+    result.map_err(|failure| bound_failure(node, failure))
+}
+
+/// A session's execution asking for the NDJSON stream: like [`call_bound`], with the job
+/// counted in flight until the returned stream ends.
+pub async fn stream_bound(
+    gw: &Gateway,
+    node: &Arc<NodeHandle>,
+    path: &str,
+    body: Bytes,
+    timeout: Duration,
+) -> Result<Placed, GatewayError> {
+    let inflight = node.begin(Arc::clone(&gw.freed));
+    let wait = gw.config().queue_wait();
+    let call = Call {
+        method: Method::POST,
+        path,
+        body: Some(body),
+        timeout: timeout + wait,
+        queue_wait: Some(wait),
+        stream: true,
+    };
+    let reply = gw.dispatcher.send(node, call).await;
+    Ok(Placed {
+        reply: reply.map_err(|failure| bound_failure(node, failure))?,
+        node: node.id.clone(),
+        attempts: 1,
+        waited: Duration::ZERO,
+        inflight,
+    })
+}
+
+fn bound_failure(node: &NodeHandle, failure: AttemptError) -> GatewayError {
+    match failure {
+        AttemptError::NotStarted(problem) => GatewayError::Agent {
             node: node.id.to_string(),
             problem,
         },
@@ -585,7 +894,7 @@ pub async fn call_bound(
             node: node.id.to_string(),
             reason: lost.to_string(),
         },
-    })
+    }
 }
 
 #[cfg(test)]
@@ -601,7 +910,12 @@ mod tests {
                 true,
                 ErrorCode::NoCapacity,
             ),
-            (AttemptError::Busy(busy), true, ErrorCode::NoCapacity),
+            (AttemptError::NotStarted(busy), true, ErrorCode::NoCapacity),
+            (
+                AttemptError::Dropped("closed before accepted".into()),
+                true,
+                ErrorCode::NodeLost,
+            ),
             (
                 AttemptError::Lost("reset".into()),
                 false,
@@ -704,6 +1018,7 @@ mod tests {
             status: StatusCode::from_u16(status).unwrap(),
             body: Bytes::from(body.to_string()),
             retry_after,
+            upstream: None,
         };
         let missing =
             serde_json::to_string(&Problem::new(ErrorCode::NotFound, "no session")).unwrap();

@@ -178,13 +178,31 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
     codefleet_shared::auth::bearer_token(value)
 }
 
+/// A client request's quota permit, among its extensions, for what outlives the handler (a
+/// streamed answer, a socket): holding a clone keeps the request counted against its key's
+/// concurrency until the stream ends.
+#[derive(Debug, Clone)]
+pub struct Held(#[allow(dead_code)] Arc<QuotaPermit>);
+
 /// Middleware for the public `/v1/*` routes.
-pub async fn client_auth(State(gw): State<Arc<Gateway>>, request: Request, next: Next) -> Response {
+pub async fn client_auth(
+    State(gw): State<Arc<Gateway>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     match gw
         .keys
         .admit_client(bearer(request.headers()), Instant::now())
     {
-        Ok(_permit) => next.run(request).await,
+        Ok(permit) => {
+            let held = permit.map(|permit| Held(Arc::new(permit)));
+            if let Some(held) = &held {
+                request.extensions_mut().insert(held.clone());
+            }
+            let response = next.run(request).await;
+            drop(held);
+            response
+        }
         Err(error) => error.into_response(),
     }
 }

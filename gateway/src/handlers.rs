@@ -5,13 +5,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::{Path, State};
-use axum::http::{header, Method, StatusCode};
+use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::{from_fn, from_fn_with_state};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
+use codefleet_http_edge::Disconnect;
 use codefleet_shared::cluster::{CapacityReport, NodeState};
 use codefleet_shared::ids::SessionId;
+use codefleet_shared::stream::wants_stream;
 use codefleet_shared::validate::{check_args, job_files, resolve_limits};
 use codefleet_shared::{
     CreateSession, ErrorCode, ExecuteRequest, ExecuteResponse, LanguageInfo, Limits, Problem,
@@ -19,12 +21,14 @@ use codefleet_shared::{
 };
 use serde_json::json;
 
-use crate::dispatch::{call_bound, job_timeout, place, Job, Placed};
-use crate::edge::{self, JsonBody};
+use crate::dispatch::{call_bound, job_timeout, place, stream_bound, Delivery, Job, Reply};
+use crate::edge::{self, Held, JsonBody};
 use crate::error::{problem_response, GatewayError};
 use crate::membership::{NodeHandle, Snapshot};
 use crate::metrics::{self, LanguageLabel};
-use crate::Gateway;
+use crate::routing::NodeId;
+use crate::stream::{self, StreamLimits};
+use crate::{connect, Gateway};
 
 /// The OpenAPI description of docs/api.md, checked in beside the crate.
 pub const OPENAPI: &str = include_str!("../openapi.json");
@@ -34,6 +38,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
     let public = Router::new()
         .route("/v1/execute", post(execute))
         .route("/v1/judge", post(crate::judge::judge))
+        .route("/v1/connect", get(connect::connect))
         .route("/v1/languages", get(languages))
         .route("/v1/sessions", post(create_session))
         .route("/v1/sessions/{id}/execute", post(session_execute))
@@ -113,25 +118,74 @@ pub(crate) fn labelled(
     response
 }
 
-/// An agent's execute answer, completed with where and how it ran.
-fn execute_answer(placed: Placed) -> Result<Response, GatewayError> {
-    let body = placed.reply.expect(StatusCode::OK, &placed.node)?;
+/// An agent's execute answer, completed with where and how it ran (`stream::Relay` adds the
+/// same to a streamed result).
+fn execute_answer(
+    reply: Reply,
+    node: &NodeId,
+    attempts: u32,
+    waited: Duration,
+) -> Result<Response, GatewayError> {
+    let body = reply.expect(StatusCode::OK, node)?;
     let mut answer: ExecuteResponse =
         serde_json::from_slice(&body).map_err(|e| GatewayError::BadAnswer {
-            node: placed.node.to_string(),
+            node: node.to_string(),
             detail: format!("not an execute response: {e}"),
         })?;
-    let waited = placed.waited.as_millis() as u64;
-    answer.node = placed.node.to_string();
-    answer.attempts = Some(placed.attempts);
+    let waited = waited.as_millis() as u64;
+    answer.node = node.to_string();
+    answer.attempts = Some(attempts);
     answer.timing.queued_ms += waited;
     answer.timing.total_ms += waited;
     Ok(Json(answer).into_response())
 }
 
-async fn execute(State(gw): State<Arc<Gateway>>, body: JsonBody<ExecuteRequest>) -> Response {
+/// How an execute request wants its answer, and what a streamed one holds on to.
+struct Answering {
+    stream: bool,
+    disconnect: Option<Disconnect>,
+    held: Option<Held>,
+}
+
+impl Answering {
+    fn of(
+        headers: &HeaderMap,
+        disconnect: Option<Extension<Disconnect>>,
+        held: Option<Extension<Held>>,
+    ) -> Answering {
+        let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+        Answering {
+            stream: wants_stream(accept),
+            disconnect: disconnect.map(|Extension(d)| d),
+            held: held.map(|Extension(h)| h),
+        }
+    }
+
+    fn delivery(&self) -> Delivery {
+        match self.stream {
+            true => Delivery::Stream,
+            false => Delivery::Buffered,
+        }
+    }
+}
+
+fn stream_limits(gw: &Gateway) -> StreamLimits {
+    StreamLimits {
+        stall: gw.config().stream_stall(),
+        max_line: gw.config().max_event_bytes(),
+    }
+}
+
+async fn execute(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    disconnect: Option<Extension<Disconnect>>,
+    held: Option<Extension<Held>>,
+    body: JsonBody<ExecuteRequest>,
+) -> Response {
     let mut language = None;
-    let result = run_execute(&gw, body, &mut language).await;
+    let answering = Answering::of(&headers, disconnect, held);
+    let result = run_execute(&gw, body, answering, &mut language).await;
     labelled(language, result)
 }
 
@@ -141,6 +195,7 @@ async fn run_execute(
         value: request,
         raw,
     }: JsonBody<ExecuteRequest>,
+    answering: Answering,
     label: &mut Option<String>,
 ) -> Result<Response, GatewayError> {
     let snapshot = gw.snapshot();
@@ -154,8 +209,18 @@ async fn run_execute(
         path: "/v1/execute",
         body: raw,
         timeout: job_timeout(&limits, gw.config().dispatch_margin()),
+        delivery: answering.delivery(),
     };
-    execute_answer(place(gw, job).await?)
+    let placed = place(gw, job).await?;
+    if answering.stream {
+        return stream::respond(
+            placed,
+            stream_limits(gw),
+            answering.disconnect,
+            answering.held,
+        );
+    }
+    execute_answer(placed.reply, &placed.node, placed.attempts, placed.waited)
 }
 
 async fn languages(State(gw): State<Arc<Gateway>>) -> Json<Vec<LanguageInfo>> {
@@ -187,6 +252,7 @@ async fn run_create_session(
         path: "/v1/sessions",
         body: raw,
         timeout: job_timeout(&limits, gw.config().dispatch_margin()),
+        delivery: Delivery::Buffered,
     };
     let placed = place(gw, job).await?;
     let body = placed.reply.expect(StatusCode::CREATED, &placed.node)?;
@@ -220,6 +286,9 @@ fn session_node(gw: &Gateway, id: &str) -> Result<Arc<NodeHandle>, GatewayError>
 async fn session_execute(
     State(gw): State<Arc<Gateway>>,
     Path(id): Path<String>,
+    headers: HeaderMap,
+    disconnect: Option<Extension<Disconnect>>,
+    held: Option<Extension<Held>>,
     JsonBody {
         value: request,
         raw,
@@ -232,13 +301,14 @@ async fn session_execute(
     let node = session_node(&gw, &id)?;
     let path = format!("/v1/sessions/{id}/execute");
     let timeout = job_timeout(&limits, gw.config().dispatch_margin());
+    let answering = Answering::of(&headers, disconnect, held);
+    if answering.stream {
+        let placed = stream_bound(&gw, &node, &path, raw, timeout).await?;
+        let limits = stream_limits(&gw);
+        return stream::respond(placed, limits, answering.disconnect, answering.held);
+    }
     let reply = call_bound(&gw, &node, Method::POST, &path, Some(raw), timeout).await?;
-    execute_answer(Placed {
-        reply,
-        node: node.id.clone(),
-        attempts: 1,
-        waited: Duration::ZERO,
-    })
+    execute_answer(reply, &node.id, 1, Duration::ZERO)
 }
 
 async fn delete_session(

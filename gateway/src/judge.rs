@@ -15,7 +15,7 @@ use codefleet_shared::judge::{
     check_judge, judge_budget, test_limits, Checker, JudgeRequest, JudgeResponse,
 };
 
-use crate::dispatch::{place, Job};
+use crate::dispatch::{place, Delivery, Job};
 use crate::edge::JsonBody;
 use crate::error::GatewayError;
 use crate::handlers::{check_job, labelled, resolve_language};
@@ -67,6 +67,8 @@ async fn run_judge(
         path: "/v1/judge",
         body: raw,
         timeout: budget + gw.config().dispatch_margin(),
+        // Judges stream from an agent only: through a gateway the answer is the buffered one.
+        delivery: Delivery::Buffered,
     };
     let placed = place(gw, job).await?;
     let body = placed.reply.expect(StatusCode::OK, &placed.node)?;

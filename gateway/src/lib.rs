@@ -7,11 +7,14 @@
 //! - `membership`: agents' reports, ready/draining/down, and the snapshot requests read.
 //! - `routing`: the pure routing decision (no I/O, no clock).
 //! - `dispatch`: the pooled client to agents, waiting for room, retries, `node_lost`.
+//! - `stream`: NDJSON answers passed through line by line, `node_lost` at a cut, the stall limit.
+//! - `connect`: `GET /v1/connect`, a client's WebSocket relayed to an agent's.
 //! - `error`: every failure and its problem+json answer.
 //! - `metrics`: what `/metrics` exports.
 #![forbid(unsafe_code)]
 
 pub mod config;
+mod connect;
 pub mod dispatch;
 pub mod edge;
 pub mod error;
@@ -21,6 +24,7 @@ mod line;
 pub mod membership;
 pub mod metrics;
 pub mod routing;
+pub mod stream;
 
 use std::future::Future;
 use std::sync::{Arc, Mutex, RwLock};

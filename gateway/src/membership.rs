@@ -105,6 +105,13 @@ pub struct InflightGuard {
     freed: Arc<Notify>,
 }
 
+impl InflightGuard {
+    /// The node the job runs on.
+    pub fn node(&self) -> &Arc<NodeHandle> {
+        &self.node
+    }
+}
+
 impl Drop for InflightGuard {
     fn drop(&mut self) {
         let now = self.node.inflight.fetch_sub(1, Ordering::Relaxed) - 1;

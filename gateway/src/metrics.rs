@@ -32,6 +32,8 @@ const NODE_SLOTS: &str = "codefleet_node_slots";
 const NODE_SLOTS_BUSY: &str = "codefleet_node_slots_busy";
 const NODE_WARM: &str = "codefleet_node_warm_sandboxes";
 const NODE_IMAGE: &str = "codefleet_node_image_state";
+const STREAMS: &str = "codefleet_streams_total";
+const STREAMS_OPEN: &str = "codefleet_streams_open";
 
 /// The process-wide recorder, shared with an in-process agent (`--dev`) and with the many
 /// gateways tests build in one process.
@@ -86,6 +88,14 @@ fn describe() {
     describe_gauge!(
         NODE_STATE,
         "1 on each node's state (ready, draining, down) as this gateway sees it, 0 on the others."
+    );
+    describe_counter!(
+        STREAMS,
+        "Streamed jobs (NDJSON answers, /v1/connect sockets) ended, by kind and outcome (result, error, node_lost, bad_answer, stalled, client_gone, idle, refused)."
+    );
+    describe_gauge!(
+        STREAMS_OPEN,
+        "Streamed jobs being relayed now, by kind (ndjson, connect)."
     );
     describe_gauge!(NODE_SLOTS, "Slots each node reported.");
     describe_gauge!(NODE_SLOTS_BUSY, "Busy slots in each node's last report.");
@@ -176,6 +186,80 @@ pub struct WaitGuard;
 impl Drop for WaitGuard {
     fn drop(&mut self) {
         gauge!(WAIT_QUEUE).decrement(1.0);
+    }
+}
+
+/// What kind of stream a job's answer is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamKind {
+    Ndjson,
+    Connect,
+}
+
+impl StreamKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            StreamKind::Ndjson => "ndjson",
+            StreamKind::Connect => "connect",
+        }
+    }
+}
+
+/// How a streamed job's relay ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamOutcome {
+    /// The agent's `result` reached the client.
+    Result,
+    /// The agent's own `error` event (or close) reached the client.
+    Error,
+    /// The node went away first: the client got the gateway's `node_lost`.
+    NodeLost,
+    /// The node sent what the gateway cannot pass on: the client got an `internal_error`.
+    BadAnswer,
+    /// The client stopped reading for `--stream-stall-ms`: disconnected.
+    Stalled,
+    /// The client went away (closed, or disconnected) first.
+    ClientGone,
+    /// `/v1/connect` passed `--connect-idle-ms` without a message.
+    Idle,
+    /// `/v1/connect`: the client sent what the gateway refuses (a bad or too large message).
+    Refused,
+}
+
+impl StreamOutcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            StreamOutcome::Result => "result",
+            StreamOutcome::Error => "error",
+            StreamOutcome::NodeLost => "node_lost",
+            StreamOutcome::BadAnswer => "bad_answer",
+            StreamOutcome::Stalled => "stalled",
+            StreamOutcome::ClientGone => "client_gone",
+            StreamOutcome::Idle => "idle",
+            StreamOutcome::Refused => "refused",
+        }
+    }
+}
+
+/// A stream counted open until [`OpenStream::close`] counts its outcome (or it drops).
+pub fn stream_opened(kind: StreamKind) -> OpenStream {
+    gauge!(STREAMS_OPEN, "kind" => kind.as_str()).increment(1.0);
+    OpenStream { kind }
+}
+
+pub struct OpenStream {
+    kind: StreamKind,
+}
+
+impl OpenStream {
+    pub fn close(self, outcome: StreamOutcome) {
+        counter!(STREAMS, "kind" => self.kind.as_str(), "outcome" => outcome.as_str()).increment(1);
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        gauge!(STREAMS_OPEN, "kind" => self.kind.as_str()).decrement(1.0);
     }
 }
 

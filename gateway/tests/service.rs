@@ -11,15 +11,19 @@ use axum::http::{header, HeaderMap, Request, StatusCode};
 use axum::routing;
 use axum::{Json, Router};
 use clap::Parser;
-use codefleet_gateway::routing::{NodeEntry, NodeId, RoutingTable};
 use codefleet_gateway::{router, Config, Gateway};
-use codefleet_shared::cluster::{CapacityReport, LanguageCapacity};
-use codefleet_shared::{ErrorCode, ImageState, Problem};
+use codefleet_shared::cluster::{CapacityReport, NOT_STARTED_HEADER};
+use codefleet_shared::{ErrorCode, Problem};
 use serde_json::{json, Value};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tower::ServiceExt;
+
+#[path = "fleet/mod.rs"]
+mod fleet;
+
+use fleet::{capacity, ids};
 
 const TOKEN: &str = "cluster-secret";
 
@@ -136,6 +140,9 @@ async fn agent_execute(
                 .headers_mut()
                 .insert(header::RETRY_AFTER, "1".parse().unwrap());
             response
+                .headers_mut()
+                .insert(NOT_STARTED_HEADER, "1".parse().unwrap());
+            response
         }
         Behavior::Broken => (StatusCode::INTERNAL_SERVER_ERROR, "oops").into_response(),
         Behavior::Hang => std::future::pending().await,
@@ -172,37 +179,6 @@ fn gateway(args: &[&str]) -> (Arc<Gateway>, Router) {
     let gw = Gateway::new(config).unwrap();
     let app = router(Arc::clone(&gw));
     (gw, app)
-}
-
-fn capacity(id: &str, address: &str, slots: u32, busy: u32) -> CapacityReport {
-    let python = LanguageCapacity {
-        image: ImageState::Ready,
-        warm: 2,
-        version: "3.11.2".to_string(),
-        aliases: vec!["py".to_string()],
-        compiled: false,
-        file_name: "main.py".to_string(),
-        error: None,
-    };
-    let go = LanguageCapacity {
-        image: ImageState::Preparing,
-        version: String::new(),
-        aliases: vec![],
-        compiled: true,
-        file_name: "main.go".to_string(),
-        ..python.clone()
-    };
-    CapacityReport {
-        node_id: id.to_string(),
-        address: address.to_string(),
-        slots_total: slots,
-        slots_busy: busy,
-        queued: 0,
-        ready: true,
-        draining: false,
-        languages: [("python".to_string(), python), ("go".to_string(), go)].into(),
-        sessions: 0,
-    }
 }
 
 struct Answer {
@@ -271,29 +247,6 @@ async fn register(app: &Router, agents: &[&FakeAgent]) {
 
 fn python_job() -> Value {
     json!({"language": "py", "source": "print('hi')"})
-}
-
-/// The primary owner of `python` among `ids`, as every gateway computes it.
-fn primary(ids: &[&str]) -> String {
-    let entries = ids
-        .iter()
-        .map(|id| NodeEntry {
-            id: NodeId::new(id),
-            slots_total: 1,
-            languages: Default::default(),
-            load: (),
-        })
-        .collect();
-    let table = RoutingTable::new(Config::default().vnodes, entries);
-    table.primary("python").unwrap().to_string()
-}
-
-/// Two node ids: the primary for python first.
-fn ids() -> (&'static str, &'static str) {
-    match primary(&["a", "b"]).as_str() {
-        "a" => ("a", "b"),
-        _ => ("b", "a"),
-    }
 }
 
 #[tokio::test]

@@ -17,6 +17,15 @@ pub fn builtin_recipe(image: &str) -> Option<&'static str> {
         "java" => include_str!("../../deploy/images/java/Dockerfile"),
         "cpp" => include_str!("../../deploy/images/cpp/Dockerfile"),
         "rust" => include_str!("../../deploy/images/rust/Dockerfile"),
+        "c" => include_str!("../../deploy/images/c/Dockerfile"),
+        "typescript" => include_str!("../../deploy/images/typescript/Dockerfile"),
+        "bash" => include_str!("../../deploy/images/bash/Dockerfile"),
+        "ruby" => include_str!("../../deploy/images/ruby/Dockerfile"),
+        "php" => include_str!("../../deploy/images/php/Dockerfile"),
+        "lua" => include_str!("../../deploy/images/lua/Dockerfile"),
+        "perl" => include_str!("../../deploy/images/perl/Dockerfile"),
+        "sqlite" => include_str!("../../deploy/images/sqlite/Dockerfile"),
+        "csharp" => include_str!("../../deploy/images/csharp/Dockerfile"),
         _ => return None,
     })
 }
@@ -151,11 +160,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn builtin_catalog_has_six_languages_with_recipes() {
+    fn builtin_catalog_has_fifteen_languages_with_recipes() {
         let c = Catalog::parse(BUILTIN_CATALOG).unwrap();
         assert_eq!(
             c.names(),
-            ["cpp", "go", "java", "javascript", "python", "rust"]
+            [
+                "bash",
+                "c",
+                "cpp",
+                "csharp",
+                "go",
+                "java",
+                "javascript",
+                "lua",
+                "perl",
+                "php",
+                "python",
+                "ruby",
+                "rust",
+                "sqlite",
+                "typescript"
+            ]
         );
         for l in &c.languages {
             assert!(builtin_recipe(&l.image).is_some(), "{}", l.name);
@@ -171,10 +196,52 @@ mod tests {
             ("node", "javascript"),
             ("c++", "cpp"),
             ("rust", "rust"),
+            ("ts", "typescript"),
+            ("sh", "bash"),
+            ("rb", "ruby"),
+            ("sqlite3", "sqlite"),
+            ("C#", "csharp"),
+            ("cs", "csharp"),
+            ("mono", "csharp"),
+            ("gcc", "c"),
+            ("lua5.4", "lua"),
         ] {
             assert_eq!(c.find(asked).unwrap().name, name);
         }
         assert!(c.find("cobol").is_none());
+    }
+
+    #[test]
+    fn the_trixie_catalog_parses_and_names_recipe_folders() {
+        let text = include_str!("../../deploy/images/trixie.toml");
+        let c = Catalog::parse(text).unwrap();
+        assert_eq!(
+            c.names(),
+            ["c", "cpp", "go", "java", "javascript", "python", "rust"]
+        );
+        let images = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/images");
+        for l in &c.languages {
+            assert!(
+                images.join(&l.image).join("Dockerfile").is_file(),
+                "{}",
+                l.image
+            );
+        }
+    }
+
+    #[test]
+    fn no_name_or_alias_is_claimed_twice() {
+        let c = Catalog::parse(BUILTIN_CATALOG).unwrap();
+        let mut all: Vec<&str> = c
+            .languages
+            .iter()
+            .flat_map(|l| std::iter::once(&l.name).chain(&l.aliases))
+            .map(String::as_str)
+            .collect();
+        let n = all.len();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), n, "{all:?}");
     }
 
     #[test]
@@ -195,6 +262,12 @@ mod tests {
             ("openjdk version \"17.0.19\" 2026-04-21", "17.0.19"),
             ("g++ (Debian 12.2.0-14+deb12u1) 12.2.0", "12.2.0"),
             ("rustc 1.63.0", "1.63.0"),
+            ("GNU bash, version 5.2.37(1)-release (x86_64-pc-linux-gnu)", "5.2.37"),
+            ("Lua 5.4.7  Copyright (C) 1994-2024 Lua.org, PUC-Rio", "5.4.7"),
+            ("v5.40.1", "5.40.1"),
+            ("3.46.1 2024-08-13 09:16:08 c9c2ab54ba1f5f46360f1b4f35d849cd3f080e6fc2b6c60e91b16c63f69aalt1 (64-bit)", "3.46.1"),
+            ("Mono JIT compiler version 6.12.0.199 (Debian 6.12.0.199+dfsg-6)", "6.12.0.199"),
+            ("Version 4.9.5", "4.9.5"),
         ];
         for (out, v) in table {
             assert_eq!(parse_version(out).as_deref(), Some(v), "{out}");

@@ -467,8 +467,19 @@ impl Cluster {
     pub async fn stop(&mut self) -> Vec<String> {
         let (gone, running): (Vec<&mut Member>, Vec<&mut Member>) =
             self.members.iter_mut().partition(|m| m.gone);
-        for member in gone {
-            remove_containers_of(&member.process.node);
+        // A container a killed agent was creating as it died can appear after its death: its
+        // leftovers are removed until the engine has had a few seconds to finish such a create.
+        if !gone.is_empty() {
+            let settled = Instant::now() + Duration::from_secs(3);
+            loop {
+                for member in &gone {
+                    remove_containers_of(&member.process.node);
+                }
+                if Instant::now() >= settled {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
         }
         for member in &running {
             member.process.signal("TERM");

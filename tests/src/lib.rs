@@ -434,6 +434,19 @@ pub async fn eventually(within: Duration, what: &str, mut cond: impl AsyncFnMut(
     }
 }
 
+/// Waits (a few seconds) until no container of any of `nodes` is left: stopped agents remove
+/// their own, a killed one's are removed by the cluster fixture.
+pub async fn assert_nothing_left(nodes: Vec<String>) {
+    for node in nodes {
+        eventually(
+            Duration::from_secs(5),
+            &format!("no container of {node} left"),
+            async || containers_of(&node).is_empty(),
+        )
+        .await;
+    }
+}
+
 /// Resident memory of process `pid`, bytes (from `/proc/<pid>/status`).
 pub fn rss_of(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();

@@ -9,7 +9,9 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use codefleet_tests::{containers_of, eventually, Answer, Api, Cluster, StatusCode, ADMIN_KEY};
+use codefleet_tests::{
+    assert_nothing_left, eventually, Answer, Api, Cluster, StatusCode, ADMIN_KEY,
+};
 use serde_json::{json, Value};
 
 const PY: &str = "python";
@@ -34,18 +36,6 @@ fn assert_problem(answer: &Answer, status: StatusCode, code: &str) {
         answer.headers["content-type"], "application/problem+json",
         "{answer:?}"
     );
-}
-
-/// Stopped agents removed their own containers; killed ones' were removed by the fixture.
-async fn assert_nothing_left(nodes: Vec<String>) {
-    for node in nodes {
-        eventually(
-            Duration::from_secs(5),
-            &format!("no container of {node} left"),
-            async || containers_of(&node).is_empty(),
-        )
-        .await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
