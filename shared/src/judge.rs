@@ -491,10 +491,88 @@ mod tests {
                     rel_tol: 0.0,
                 })
             }),
+            with(&|r| {
+                r.checker = Some(Checker::Program {
+                    program: Box::new(ExecuteRequest {
+                        files: Some(vec![crate::api::FileSpec {
+                            name: "expected.txt".into(),
+                            content: String::new(),
+                            encoding: Default::default(),
+                        }]),
+                        ..ExecuteRequest::default()
+                    }),
+                })
+            }),
         ];
         for (i, refusal) in refusals.iter().enumerate() {
             assert!(refusal.is_some(), "case {i} was accepted");
         }
+    }
+
+    #[test]
+    fn a_tests_limits_are_the_requests_with_its_own_over_them() {
+        let max = ResolvedLimits {
+            wall_time_ms: 10_000,
+            ..ResolvedLimits::DEFAULT
+        };
+        let program = ResolvedLimits {
+            wall_time_ms: 2_000,
+            ..ResolvedLimits::DEFAULT
+        };
+        assert_eq!(test_limits(0, &program, None, &max), Ok(program));
+        let own = Limits {
+            wall_time_ms: Some(500),
+            ..Limits::default()
+        };
+        let got = test_limits(0, &program, Some(&own), &max).unwrap();
+        assert_eq!(got.wall_time_ms, 500);
+        assert_eq!(got.memory_bytes, program.memory_bytes);
+        let over = Limits {
+            wall_time_ms: Some(10_001),
+            ..Limits::default()
+        };
+        let refused = test_limits(3, &program, Some(&over), &max).unwrap_err();
+        assert_eq!(refused.code, ErrorCode::LimitExceedsMax);
+        assert!(refused.detail.starts_with("tests[3]"), "{}", refused.detail);
+        let memory = Limits {
+            memory_bytes: Some(1 << 20),
+            ..Limits::default()
+        };
+        let refused = test_limits(1, &program, Some(&memory), &max).unwrap_err();
+        assert_eq!(refused.code, ErrorCode::InvalidRequest);
+    }
+
+    #[test]
+    fn the_budget_covers_one_compile_and_every_run() {
+        let l = |compile, wall| ResolvedLimits {
+            compile_wall_time_ms: compile,
+            wall_time_ms: wall,
+            ..ResolvedLimits::DEFAULT
+        };
+        let tests = [l(0, 1_000), l(0, 3_000)];
+        assert_eq!(
+            judge_budget(&l(10_000, 0), &tests, None),
+            Duration::from_millis(14_000) + PER_TEST_OVERHEAD * 2
+        );
+        assert_eq!(
+            judge_budget(&l(10_000, 0), &tests, Some(&l(5_000, 500))),
+            Duration::from_millis(14_000 + 5_000 + 2 * 500) + PER_TEST_OVERHEAD * 2
+        );
+    }
+
+    #[test]
+    fn judge_events_are_single_tagged_lines() {
+        let line = JudgeEvent::Test {
+            index: 2,
+            result: TestResult {
+                verdict: Verdict::WrongAnswer,
+                run: None,
+                message: Some("a\nb".into()),
+            },
+        }
+        .to_line();
+        assert_eq!(line.matches('\n').count(), 1);
+        assert!(line.starts_with(r#"{"type":"test","index":2,"#), "{line}");
     }
 
     #[test]

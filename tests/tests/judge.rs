@@ -34,6 +34,21 @@ fn verdicts(r: &Value) -> Vec<String> {
         .collect()
 }
 
+/// Held by every test that compiles C++: the agents of this file share the process's one
+/// metrics recorder, so the compile count one test reads is its own only while no other
+/// test compiles C++.
+static CPP: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The agent's count of judge compiles of C++ programs.
+async fn compiles(api: &Api) -> f64 {
+    let text = api.get("/metrics").await.body;
+    let text = text.as_str().expect("metrics text");
+    text.lines()
+        .find(|l| l.starts_with("codefleet_judge_compiles_total{language=\"cpp\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
 fn test(stdin: &str, expected: &str) -> Value {
     json!({"stdin": stdin, "expected": expected})
 }
@@ -121,6 +136,7 @@ async fn each_verdict_is_earned_and_the_first_failure_named() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cpp_program_compiles_once_and_earns_each_verdict() {
+    let _cpp = CPP.lock().await;
     let agent = agent("judge-cpp").await;
     let api = &agent.api;
     let source = r#"
@@ -174,6 +190,7 @@ int main() {
 
     // Twenty hellos: one compile, twenty runs, against twenty separate executes.
     let hello = "#include <cstdio>\nint main(){printf(\"hello\\n\");}\n";
+    let compiles_before = compiles(api).await;
     let started = Instant::now();
     let r = judge(
         api,
@@ -183,6 +200,11 @@ int main() {
     let judged = started.elapsed();
     assert_eq!(r["verdict"], "accepted", "{r}");
     assert_eq!(verdicts(&r).len(), 20);
+    assert_eq!(
+        compiles(api).await - compiles_before,
+        1.0,
+        "20 tests, one compile (the agent's count)"
+    );
     let started = Instant::now();
     for _ in 0..20 {
         let e = api
@@ -256,6 +278,7 @@ else:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_checker_judges_by_its_rule() {
+    let _cpp = CPP.lock().await;
     let agent = agent("judge-checkers").await;
     let api = &agent.api;
     let echo = "import sys\nsys.stdout.write(sys.stdin.read())";
@@ -431,6 +454,7 @@ async fn bad_judge_requests_are_refused_before_anything_runs() {
 /// `Accept: application/x-ndjson`: accepted, compile, one test event per test, then result.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_judge_streams_one_event_per_test() {
+    let _cpp = CPP.lock().await;
     let agent = agent("judge-stream").await;
     let api = &agent.api;
     let body = json!({
