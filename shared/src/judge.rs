@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
 use crate::api::{
-    ExecuteRequest, LanguageRef, Limits, ResolvedLimits, StageResult, Status, Timing,
+    object_only, ExecuteRequest, LanguageRef, Limits, ResolvedLimits, StageResult, Status, Timing,
 };
 use crate::problem::{ErrorCode, Problem};
 use crate::validate::resolve_limits;
@@ -34,9 +34,17 @@ pub const PER_TEST_OVERHEAD: Duration = Duration::from_millis(1000);
 pub struct JudgeRequest {
     #[serde(flatten)]
     pub program: ExecuteRequest,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "object_only::option_vec"
+    )]
     pub tests: Option<Vec<TestCase>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "object_only::option"
+    )]
     pub checker: Option<Checker>,
     /// Stop at the first test that is not accepted; the rest are `skipped`.
     #[serde(default)]
@@ -51,7 +59,11 @@ pub struct TestCase {
     #[serde(default)]
     pub expected: String,
     /// This test's own run limits, over the request's (`compile_wall_time_ms` does not apply).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "object_only::option"
+    )]
     pub limits: Option<Limits>,
 }
 
@@ -453,6 +465,17 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(serde_json::from_str::<Checker>(r#"{"type":"regex"}"#).is_err());
+        // Objects only: serde's derived structs and tagged enums would take arrays too.
+        for arrays in [
+            r#"{"tests":[[]]}"#,
+            r#"{"tests":[{"limits":[null,null]}]}"#,
+            r#"{"tests":[{}],"checker":["exact"]}"#,
+        ] {
+            assert!(
+                serde_json::from_str::<JudgeRequest>(arrays).is_err(),
+                "{arrays}"
+            );
+        }
         assert!(serde_json::from_str::<TestCase>(r#"{"input":"1"}"#).is_err());
     }
 
