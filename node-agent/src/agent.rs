@@ -23,7 +23,7 @@ use codefleet_shared::{
 
 use crate::catalog::{parse_version, Catalog, Language};
 use crate::config::Config;
-use crate::docker::Docker;
+use crate::engine::{Engine, EngineError};
 use crate::error::AgentError;
 use crate::images::Recipe;
 use crate::job::{new_id, Prepared, OPEN_FILES};
@@ -66,7 +66,7 @@ impl Agent {
     pub fn new(
         config: Config,
         catalog: Catalog,
-        docker: Docker,
+        docker: Arc<dyn Engine>,
         reaper: Reaper,
         supervisor: String,
     ) -> Agent {
@@ -134,7 +134,7 @@ impl Agent {
         &self.sessions
     }
 
-    pub fn docker(&self) -> &Docker {
+    pub fn docker(&self) -> &dyn Engine {
         self.sandboxes.docker()
     }
 
@@ -368,19 +368,20 @@ impl Agent {
                 tracing::info!(language = %lang.name, %tag, "building image from its recipe");
                 let name = lang.name.clone();
                 let mut last = Instant::now();
+                let mut progress = move |line: &str| {
+                    if line.starts_with("Step ") || last.elapsed() > Duration::from_secs(10) {
+                        last = Instant::now();
+                        tracing::info!(language = %name, progress = %line, "building image");
+                    }
+                };
                 self.docker()
-                    .build(&tag, recipe.context_tar(), move |line| {
-                        if line.starts_with("Step ") || last.elapsed() > Duration::from_secs(10) {
-                            last = Instant::now();
-                            tracing::info!(language = %name, progress = %line, "building image");
-                        }
-                    })
+                    .build(&tag, recipe.context_tar(), &mut progress)
                     .await
-                    .map_err(|e| match e.to_string() {
-                        m if m.contains("debian:bookworm-slim") => format!(
-                            "{m} (no base image and no registry: run deploy/images/bootstrap-base.sh)"
+                    .map_err(|e| match e {
+                        EngineError::ImageMissing { .. } => format!(
+                            "{e} (no base image and no registry: run deploy/images/bootstrap-base.sh)"
                         ),
-                        m => m,
+                        e => e.to_string(),
                     })?;
             }
         }

@@ -174,6 +174,22 @@ pub struct Config {
     #[arg(long, env = "CODEFLEET_MAX_PROCESSES", default_value_t = ResolvedLimits::MAX.processes)]
     pub max_processes: u64,
 
+    /// The longest a Docker ping may take (readiness follows it), milliseconds.
+    #[arg(long, env = "CODEFLEET_DOCKER_PING_TIMEOUT_MS", default_value_t = 3_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub docker_ping_timeout_ms: u64,
+
+    /// The longest an inspect, list, attach or tag call to Docker may take, milliseconds.
+    #[arg(long, env = "CODEFLEET_DOCKER_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub docker_timeout_ms: u64,
+
+    /// The longest creating, starting or removing a container may take, milliseconds.
+    #[arg(long, env = "CODEFLEET_DOCKER_CONTAINER_TIMEOUT_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub docker_container_timeout_ms: u64,
+
+    /// The longest building or pulling one image may take, seconds.
+    #[arg(long, env = "CODEFLEET_DOCKER_BUILD_TIMEOUT_S", default_value_t = 1_800, value_parser = clap::value_parser!(u64).range(1..))]
+    pub docker_build_timeout_s: u64,
+
     /// Prepare (find or build) the language images, print their state, and exit.
     #[arg(long)]
     pub prepare_only: bool,
@@ -210,6 +226,17 @@ impl Config {
             header_timeout: std::time::Duration::from_secs(self.header_timeout_s),
             body_timeout: std::time::Duration::from_millis(self.body_timeout_ms),
             max_connections: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
+        }
+    }
+
+    /// How long each kind of Docker call may take.
+    pub fn engine_timeouts(&self) -> crate::engine::Timeouts {
+        use std::time::Duration;
+        crate::engine::Timeouts {
+            ping: Duration::from_millis(self.docker_ping_timeout_ms),
+            call: Duration::from_millis(self.docker_timeout_ms),
+            container: Duration::from_millis(self.docker_container_timeout_ms),
+            build: Duration::from_secs(self.docker_build_timeout_s),
         }
     }
 

@@ -1,11 +1,11 @@
-//! The only module that talks to Docker: a narrow wrapper over bollard with an explicit timeout
-//! on every call and bollard's errors mapped to our own.
+//! The only module that talks to Docker: the bollard implementation of `engine::Engine`, with
+//! a timeout on every call and bollard's errors mapped to `EngineError` by what failed.
 
 use std::collections::HashMap;
-use std::pin::Pin;
 use std::time::Duration;
 
 use bollard::container::LogOutput;
+use bollard::errors::Error as BollardError;
 use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig, ResourcesUlimits};
 use bollard::query_parameters::{
     AttachContainerOptionsBuilder, BuildImageOptionsBuilder, CreateImageOptionsBuilder,
@@ -13,128 +13,126 @@ use bollard::query_parameters::{
 };
 use bytes::Bytes;
 use codefleet_shared::sandbox::{CHANNEL_DIR_IN_SANDBOX, CHANNEL_ENV, CHANNEL_SOCKET};
-use futures_util::{Stream, StreamExt};
-use tokio::io::AsyncWrite;
+use futures_util::future::BoxFuture;
+use futures_util::{FutureExt, StreamExt};
 
-/// Label carrying the id of the node that owns a container.
-pub const LABEL_NODE: &str = "codefleet.node";
-/// Label carrying the language a container serves.
-pub const LABEL_LANGUAGE: &str = "codefleet.language";
-/// Label saying what a container is for: `pool`, `session` or `probe`.
-pub const LABEL_KIND: &str = "codefleet.kind";
+use crate::engine::{
+    base_images, Attached, Engine, EngineError, SandboxSpec, Timeouts, LABEL_KIND, LABEL_LANGUAGE,
+    LABEL_NODE, SUPERVISOR_IN_SANDBOX,
+};
 
-/// Where the supervisor is mounted inside every sandbox.
-pub const SUPERVISOR_IN_SANDBOX: &str = "/opt/codefleet/supervisor";
-
-#[derive(Debug, thiserror::Error)]
-pub enum DockerError {
-    #[error("docker call `{call}` timed out after {after:?}")]
-    Timeout { call: &'static str, after: Duration },
-    #[error("docker call `{call}` failed: {message}")]
-    Call { call: &'static str, message: String },
-    #[error("image build failed: {0}")]
-    Build(String),
-}
-
-fn err(call: &'static str) -> impl FnOnce(bollard::errors::Error) -> DockerError {
-    move |e| DockerError::Call {
-        call,
-        message: e.to_string(),
+/// What a bollard error says about the engine, for a call that names no particular object.
+fn map(call: &'static str) -> impl FnOnce(BollardError) -> EngineError {
+    move |e| match e {
+        BollardError::DockerResponseServerError {
+            status_code: 404,
+            message,
+        } => EngineError::NotFound { call, message },
+        BollardError::DockerResponseServerError {
+            status_code: 409,
+            message,
+        } => EngineError::Conflict { call, message },
+        BollardError::DockerResponseServerError {
+            status_code,
+            message,
+        } => EngineError::Rejected {
+            call,
+            status: status_code,
+            message,
+        },
+        e @ (BollardError::IOError { .. }
+        | BollardError::HyperResponseError { .. }
+        | BollardError::HyperLegacyError { .. }
+        | BollardError::SocketNotFoundError(_)
+        | BollardError::UnsupportedURISchemeError { .. }) => EngineError::Unreachable {
+            call,
+            message: e.to_string(),
+        },
+        e => EngineError::Failed {
+            call,
+            message: e.to_string(),
+        },
     }
 }
 
 async fn timed<T>(
     call: &'static str,
     after: Duration,
-    fut: impl std::future::Future<Output = Result<T, bollard::errors::Error>>,
-) -> Result<T, DockerError> {
+    fut: impl std::future::Future<Output = Result<T, BollardError>>,
+) -> Result<T, EngineError> {
     match tokio::time::timeout(after, fut).await {
-        Ok(r) => r.map_err(err(call)),
-        Err(_) => Err(DockerError::Timeout { call, after }),
+        Ok(Ok(v)) => Ok(v),
+        // bollard's own client timeout (set to the longest of ours, see `connect`).
+        Ok(Err(BollardError::RequestTimeoutError)) | Err(_) => {
+            Err(EngineError::Timeout { call, after })
+        }
+        Ok(Err(e)) => Err(map(call)(e)),
     }
 }
 
 const CPU_PERIOD_US: i64 = 10_000;
-const SHORT: Duration = Duration::from_secs(10);
-const START: Duration = Duration::from_secs(30);
-const BUILD: Duration = Duration::from_secs(1_800);
 
-/// Everything the agent decides about one sandbox container.
-#[derive(Debug, Clone)]
-pub struct SandboxSpec {
-    pub image: String,
-    pub node: String,
-    pub language: String,
-    pub kind: &'static str,
-    pub supervisor: String,
-    pub memory_bytes: u64,
-    pub cpus: f64,
-    pub pids: i64,
-    pub scratch_bytes: u64,
-    pub file_size_bytes: u64,
-    pub open_files: u64,
-    /// Host directory holding the agent's socket for this sandbox (mounted at
-    /// `/run/codefleet`); `None` for the attach stream.
-    pub channel: Option<String>,
-    /// The longest answer line the agent accepts from this sandbox's supervisor (not Docker's
-    /// business; carried here with the rest of what is decided per sandbox).
-    pub max_answer_bytes: usize,
-}
-
-/// The byte streams of an attached container: what it writes, and its stdin.
-pub struct Attached {
-    pub output: Pin<Box<dyn Stream<Item = Result<Bytes, DockerError>> + Send>>,
-    pub input: Pin<Box<dyn AsyncWrite + Send>>,
-}
-
+/// The engine reached through bollard (`DOCKER_HOST`, or the local socket).
 #[derive(Clone)]
 pub struct Docker {
     inner: bollard::Docker,
+    timeouts: Timeouts,
 }
 
 impl Docker {
-    /// Connects to the engine named by `DOCKER_HOST`, or the local socket.
-    pub fn connect() -> Result<Docker, DockerError> {
-        let inner = bollard::Docker::connect_with_local_defaults().map_err(err("connect"))?;
-        Ok(Docker { inner })
+    /// A client for the engine named by `DOCKER_HOST`, or the local socket; it connects on the
+    /// first call.
+    pub fn connect(timeouts: Timeouts) -> Result<Docker, EngineError> {
+        let inner = bollard::Docker::connect_with_local_defaults().map_err(map("connect"))?;
+        // The bounds that count are ours, per call; bollard's one client-wide timeout (120 s by
+        // default, shorter than a build) must not end a call first.
+        let longest = [
+            timeouts.ping,
+            timeouts.call,
+            timeouts.container,
+            timeouts.build,
+        ];
+        let inner = inner.with_timeout(longest.into_iter().max().unwrap_or_default());
+        Ok(Docker { inner, timeouts })
     }
 
-    pub async fn ping(&self) -> Result<(), DockerError> {
-        timed("ping", Duration::from_secs(3), self.inner.ping())
+    async fn ping(&self) -> Result<(), EngineError> {
+        timed("ping", self.timeouts.ping, self.inner.ping())
             .await
             .map(|_| ())
     }
 
-    pub async fn image_exists(&self, tag: &str) -> Result<bool, DockerError> {
-        match tokio::time::timeout(SHORT, self.inner.inspect_image(tag)).await {
-            Err(_) => Err(DockerError::Timeout {
-                call: "inspect_image",
-                after: SHORT,
-            }),
-            Ok(Ok(_)) => Ok(true),
-            Ok(Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 404, ..
-            })) => Ok(false),
-            Ok(Err(e)) => Err(err("inspect_image")(e)),
+    async fn image_exists(&self, tag: &str) -> Result<bool, EngineError> {
+        let inspect = self.inner.inspect_image(tag);
+        match timed("inspect_image", self.timeouts.call, inspect).await {
+            Ok(_) => Ok(true),
+            Err(EngineError::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e),
         }
     }
 
-    /// Pulls `reference` and tags it as `tag`.
-    pub async fn pull(&self, reference: &str, tag: &str) -> Result<(), DockerError> {
+    async fn pull(&self, reference: &str, tag: &str) -> Result<(), EngineError> {
         let opts = CreateImageOptionsBuilder::default()
             .from_image(reference)
             .build();
         let mut stream = self.inner.create_image(Some(opts), None, None);
-        let pulled = tokio::time::timeout(BUILD, async {
+        let after = self.timeouts.build;
+        let pulled = tokio::time::timeout(after, async {
             while let Some(item) = stream.next().await {
-                item.map_err(err("pull"))?;
+                item.map_err(|e| match map("pull")(e) {
+                    EngineError::NotFound { message, .. } => EngineError::ImageMissing {
+                        image: reference.to_string(),
+                        message,
+                    },
+                    other => other,
+                })?;
             }
-            Ok::<(), DockerError>(())
+            Ok::<(), EngineError>(())
         })
         .await
-        .map_err(|_| DockerError::Timeout {
+        .map_err(|_| EngineError::Timeout {
             call: "pull",
-            after: BUILD,
+            after,
         })?;
         pulled?;
         let (repo, t) = tag.rsplit_once(':').unwrap_or((tag, "latest"));
@@ -142,21 +140,19 @@ impl Docker {
             .repo(repo)
             .tag(t)
             .build();
-        timed(
-            "tag_image",
-            SHORT,
-            self.inner.tag_image(reference, Some(opts)),
-        )
-        .await
+        let tagged = self.inner.tag_image(reference, Some(opts));
+        timed("tag_image", self.timeouts.call, tagged).await
     }
 
-    /// Builds `tag` from a tar build context; `progress` gets each line of build output.
-    pub async fn build(
+    async fn build(
         &self,
         tag: &str,
         context_tar: Vec<u8>,
-        mut progress: impl FnMut(&str) + Send,
-    ) -> Result<(), DockerError> {
+        progress: &mut (dyn FnMut(&str) + Send),
+    ) -> Result<(), EngineError> {
+        let bases = dockerfile_of(&context_tar)
+            .map(|d| base_images(&d))
+            .unwrap_or_default();
         let opts = BuildImageOptionsBuilder::default()
             .dockerfile("Dockerfile")
             .t(tag)
@@ -168,11 +164,12 @@ impl Docker {
             None,
             Some(bollard::body_full(Bytes::from(context_tar))),
         );
-        let built = tokio::time::timeout(BUILD, async {
+        let after = self.timeouts.build;
+        let built = tokio::time::timeout(after, async {
             while let Some(item) = stream.next().await {
-                let info = item.map_err(|e| DockerError::Build(e.to_string()))?;
+                let info = item.map_err(map("build"))?;
                 if let Some(detail) = info.error_detail.and_then(|d| d.message) {
-                    return Err(DockerError::Build(detail));
+                    return Err(EngineError::BuildFailed { message: detail });
                 }
                 if let Some(line) = info
                     .stream
@@ -185,15 +182,30 @@ impl Docker {
             }
             Ok(())
         })
-        .await;
-        built.map_err(|_| DockerError::Timeout {
+        .await
+        .map_err(|_| EngineError::Timeout {
             call: "build",
-            after: BUILD,
-        })?
+            after,
+        })?;
+        match built {
+            // Which step failed is in the message; whether a base image is absent the engine
+            // can say for sure.
+            Err(EngineError::BuildFailed { message }) => {
+                for base in bases {
+                    if !self.image_exists(&base).await.unwrap_or(true) {
+                        return Err(EngineError::ImageMissing {
+                            image: base,
+                            message,
+                        });
+                    }
+                }
+                Err(EngineError::BuildFailed { message })
+            }
+            other => other,
+        }
     }
 
-    /// Creates a sandbox container with the hardened baseline of design.md; returns its id.
-    pub async fn create_sandbox(&self, spec: &SandboxSpec) -> Result<String, DockerError> {
+    async fn create_sandbox(&self, spec: &SandboxSpec) -> Result<String, EngineError> {
         let labels = HashMap::from([
             (LABEL_NODE.to_string(), spec.node.clone()),
             (LABEL_LANGUAGE.to_string(), spec.language.clone()),
@@ -271,17 +283,19 @@ impl Docker {
             host_config: Some(host),
             ..Default::default()
         };
-        let created = timed(
-            "create_container",
-            START,
-            self.inner.create_container(None, body),
-        )
-        .await?;
-        Ok(created.id)
+        let create = self.inner.create_container(None, body);
+        match timed("create_container", self.timeouts.container, create).await {
+            Ok(created) => Ok(created.id),
+            // The only object a create names is its image.
+            Err(EngineError::NotFound { message, .. }) => Err(EngineError::ImageMissing {
+                image: spec.image.clone(),
+                message,
+            }),
+            Err(e) => Err(e),
+        }
     }
 
-    /// Attaches to a created container's stdin and stdout (before it starts, so nothing is lost).
-    pub async fn attach(&self, id: &str) -> Result<Attached, DockerError> {
+    async fn attach(&self, id: &str) -> Result<Attached, EngineError> {
         let opts = AttachContainerOptionsBuilder::default()
             .stdin(true)
             .stdout(true)
@@ -290,7 +304,7 @@ impl Docker {
             .build();
         let results = timed(
             "attach_container",
-            SHORT,
+            self.timeouts.call,
             self.inner.attach_container(id, Some(opts)),
         )
         .await?;
@@ -302,7 +316,7 @@ impl Docker {
                     None
                 }
                 Ok(LogOutput::StdIn { .. }) => None,
-                Err(e) => Some(Err(err("attach_stream")(e))),
+                Err(e) => Some(Err(map("attach_stream")(e))),
             }
         });
         Ok(Attached {
@@ -311,63 +325,159 @@ impl Docker {
         })
     }
 
-    pub async fn start(&self, id: &str) -> Result<(), DockerError> {
-        timed(
-            "start_container",
-            START,
-            self.inner.start_container(id, None),
-        )
-        .await
+    async fn start(&self, id: &str) -> Result<(), EngineError> {
+        let start = self.inner.start_container(id, None);
+        timed("start_container", self.timeouts.container, start).await
     }
 
-    /// Removes a container, killing it if it runs. A container already gone is not an error.
-    pub async fn remove(&self, id: &str) -> Result<(), DockerError> {
+    async fn remove(&self, id: &str) -> Result<(), EngineError> {
         let opts = RemoveContainerOptionsBuilder::default()
             .force(true)
             .v(true)
             .build();
-        match tokio::time::timeout(START, self.inner.remove_container(id, Some(opts))).await {
-            Err(_) => Err(DockerError::Timeout {
-                call: "remove_container",
-                after: START,
-            }),
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 404, ..
-            })) => Ok(()),
-            // 409: removal already in progress.
-            Ok(Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 409, ..
-            })) => Ok(()),
-            Ok(Err(e)) => Err(err("remove_container")(e)),
+        let remove = self.inner.remove_container(id, Some(opts));
+        match timed("remove_container", self.timeouts.container, remove).await {
+            // Gone already, or its removal already in progress.
+            Ok(()) | Err(EngineError::NotFound { .. } | EngineError::Conflict { .. }) => Ok(()),
+            Err(e) => Err(e),
         }
     }
 
-    /// Whether the engine recorded an out-of-memory kill in this container (read before it is
-    /// removed, to tell a job that exhausted its memory from a sandbox that failed).
-    pub async fn oom_killed(&self, id: &str) -> Result<bool, DockerError> {
-        let info = timed(
-            "inspect_container",
-            SHORT,
-            self.inner.inspect_container(id, None),
-        )
-        .await?;
+    async fn oom_killed(&self, id: &str) -> Result<bool, EngineError> {
+        let inspect = self.inner.inspect_container(id, None);
+        let info = timed("inspect_container", self.timeouts.call, inspect).await?;
         Ok(info.state.and_then(|s| s.oom_killed).unwrap_or(false))
     }
 
-    /// Ids of every container (running or not) labelled with this node.
-    pub async fn list_owned(&self, node: &str) -> Result<Vec<String>, DockerError> {
+    async fn list_owned(&self, node: &str) -> Result<Vec<String>, EngineError> {
         let filters = HashMap::from([("label".to_string(), vec![format!("{LABEL_NODE}={node}")])]);
         let opts = ListContainersOptionsBuilder::default()
             .all(true)
             .filters(&filters)
             .build();
-        let list = timed(
-            "list_containers",
-            SHORT,
-            self.inner.list_containers(Some(opts)),
-        )
-        .await?;
+        let list = self.inner.list_containers(Some(opts));
+        let list = timed("list_containers", self.timeouts.call, list).await?;
         Ok(list.into_iter().filter_map(|c| c.id).collect())
+    }
+}
+
+impl Engine for Docker {
+    fn ping(&self) -> BoxFuture<'_, Result<(), EngineError>> {
+        Docker::ping(self).boxed()
+    }
+
+    fn image_exists<'a>(&'a self, tag: &'a str) -> BoxFuture<'a, Result<bool, EngineError>> {
+        Docker::image_exists(self, tag).boxed()
+    }
+
+    fn pull<'a>(
+        &'a self,
+        reference: &'a str,
+        tag: &'a str,
+    ) -> BoxFuture<'a, Result<(), EngineError>> {
+        Docker::pull(self, reference, tag).boxed()
+    }
+
+    fn build<'a>(
+        &'a self,
+        tag: &'a str,
+        context_tar: Vec<u8>,
+        progress: &'a mut (dyn FnMut(&str) + Send),
+    ) -> BoxFuture<'a, Result<(), EngineError>> {
+        Docker::build(self, tag, context_tar, progress).boxed()
+    }
+
+    fn create_sandbox<'a>(
+        &'a self,
+        spec: &'a SandboxSpec,
+    ) -> BoxFuture<'a, Result<String, EngineError>> {
+        Docker::create_sandbox(self, spec).boxed()
+    }
+
+    fn attach<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Attached, EngineError>> {
+        Docker::attach(self, id).boxed()
+    }
+
+    fn start<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), EngineError>> {
+        Docker::start(self, id).boxed()
+    }
+
+    fn remove<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), EngineError>> {
+        Docker::remove(self, id).boxed()
+    }
+
+    fn oom_killed<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<bool, EngineError>> {
+        Docker::oom_killed(self, id).boxed()
+    }
+
+    fn list_owned<'a>(&'a self, node: &'a str) -> BoxFuture<'a, Result<Vec<String>, EngineError>> {
+        Docker::list_owned(self, node).boxed()
+    }
+}
+
+/// The `Dockerfile` of a build context.
+fn dockerfile_of(context_tar: &[u8]) -> Option<String> {
+    let mut archive = tar::Archive::new(context_tar);
+    for entry in archive.entries().ok()? {
+        let mut entry = entry.ok()?;
+        if entry.path().ok()?.as_os_str() == "Dockerfile" {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut entry, &mut text).ok()?;
+            return Some(text);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// bollard's errors become what failed: the engine's answer by status, a transport that
+    /// failed as unreachable, anything else as failed.
+    #[test]
+    fn bollard_errors_map_to_what_failed() {
+        let server = |status_code: u16| BollardError::DockerResponseServerError {
+            status_code,
+            message: "m".into(),
+        };
+        let io = || BollardError::IOError {
+            err: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+        };
+        let kind = |e: &EngineError| match e {
+            EngineError::NotFound { .. } => "not found",
+            EngineError::Conflict { .. } => "conflict",
+            EngineError::Rejected { status: 500, .. } => "rejected 500",
+            EngineError::Unreachable { .. } => "unreachable",
+            EngineError::Failed { .. } => "failed",
+            _ => "other",
+        };
+        let table = [
+            (server(404), "not found"),
+            (server(409), "conflict"),
+            (server(500), "rejected 500"),
+            (io(), "unreachable"),
+            (
+                BollardError::SocketNotFoundError("/x".into()),
+                "unreachable",
+            ),
+            (BollardError::APIVersionParseError {}, "failed"),
+        ];
+        for (bollard, want) in table {
+            let text = bollard.to_string();
+            assert_eq!(kind(&map("call")(bollard)), want, "{text}");
+        }
+    }
+
+    #[test]
+    fn a_build_context_yields_its_dockerfile() {
+        let recipe = crate::images::Recipe {
+            files: vec![
+                ("Dockerfile".into(), b"FROM debian:12\n".to_vec()),
+                ("setup.sh".into(), b"true\n".to_vec()),
+            ],
+        };
+        let dockerfile = dockerfile_of(&recipe.context_tar());
+        assert_eq!(dockerfile.as_deref(), Some("FROM debian:12\n"));
     }
 }

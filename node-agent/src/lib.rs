@@ -2,8 +2,8 @@
 //! and sessions, runs jobs with limits, and reports its capacity to gateways.
 //!
 //! Layout (ARCHITECTURE.md has the map and the one way dependencies go): `config` (flags),
-//! `catalog` (languages), `images` (recipes and tags), `docker` (the only module that talks to
-//! Docker), `sandbox` (one container and its supervisor channel), `pool` (warm sandboxes and
+//! `catalog` (languages), `images` (recipes and tags), `engine` (the seam to the container engine: trait, errors,
+//! spec), `docker` (its bollard implementation, the only module that talks to Docker), `sandbox` (one container and its supervisor channel), `pool` (warm sandboxes and
 //! their sizing policy), `registry` (image states, language resolution), `lifecycle`, `slots`,
 //! `sandboxes` (pools, starts, resets, refills), `sessions`, `job` (a validated job),
 //! `runner` (the one job path, buffered or streamed), `error` (the agent's error type),
@@ -16,6 +16,7 @@ pub mod catalog;
 pub mod config;
 pub mod connect;
 pub mod docker;
+pub mod engine;
 pub mod error;
 pub mod http;
 pub mod images;
@@ -45,6 +46,7 @@ pub use crate::config::Config;
 
 use crate::catalog::Catalog;
 use crate::docker::Docker;
+use crate::engine::Engine;
 use crate::sandbox::Reaper;
 
 /// Builds the agent from its configuration (without serving). Fails with
@@ -62,7 +64,8 @@ pub fn build(config: Config) -> anyhow::Result<Arc<Agent>> {
     let supervisor = config.supervisor_path().context(
         "the sandbox supervisor binary was not found: build it with deploy/build-supervisor.sh or pass --supervisor",
     )?;
-    let docker = Docker::connect().context("connecting to Docker")?;
+    let docker: Arc<dyn Engine> =
+        Arc::new(Docker::connect(config.engine_timeouts()).context("connecting to Docker")?);
     let (reaper, _) = Reaper::start(docker.clone());
     let agent = Agent::new(
         config,
@@ -173,7 +176,7 @@ async fn health_loop(agent: Arc<Agent>) {
 }
 
 /// Removes every container labelled with `node`; returns how many there were.
-pub async fn remove_owned(docker: &Docker, node: &str) -> Result<usize, docker::DockerError> {
+pub async fn remove_owned(docker: &dyn Engine, node: &str) -> Result<usize, engine::EngineError> {
     let ids = docker.list_owned(node).await?;
     let removals = ids.iter().map(|id| docker.remove(id));
     for r in futures_util::future::join_all(removals).await {

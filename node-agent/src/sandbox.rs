@@ -17,7 +17,7 @@ use codefleet_shared::sandbox::{
     Command, Event, Job, StageOutcome, CHANNEL_SOCKET, PROTOCOL_VERSION,
 };
 
-use crate::docker::{Docker, DockerError, SandboxSpec};
+use crate::engine::{Engine, EngineError, Output, SandboxSpec};
 
 /// What a caller sends a running job (an interactive or streaming one).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,14 +47,10 @@ enum Step {
 /// SIGKILL, sent to a job whose caller went away.
 const SIGKILL: i32 = 9;
 
-/// The supervisor's output: chunks of newline-delimited JSON events.
-type Output =
-    std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<bytes::Bytes, DockerError>> + Send>>;
-
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
     #[error(transparent)]
-    Docker(#[from] DockerError),
+    Docker(#[from] EngineError),
     #[error("the sandbox's supervisor went away")]
     Lost,
     /// The sandbox was found dead before the job reached it (its container removed or killed
@@ -96,7 +92,7 @@ pub struct Reaper {
 impl Reaper {
     /// Starts the reaper task; it ends when every `Reaper` clone is dropped and the queue is
     /// empty, so awaiting the handle waits for all pending removals.
-    pub fn start(docker: Docker) -> (Reaper, tokio::task::JoinHandle<()>) {
+    pub fn start(docker: std::sync::Arc<dyn Engine>) -> (Reaper, tokio::task::JoinHandle<()>) {
         let (tx, mut rx) = mpsc::unbounded_channel::<String>();
         let handle = tokio::spawn(async move {
             while let Some(id) = rx.recv().await {
@@ -180,7 +176,7 @@ impl Sandbox {
     /// directory below `channel_root`, or the attach stream when that is `None`), and waits for
     /// the supervisor's hello.
     pub async fn start(
-        docker: &Docker,
+        docker: &dyn Engine,
         spec: &SandboxSpec,
         reaper: &Reaper,
         channel_root: Option<&Path>,
@@ -562,7 +558,7 @@ fn job_uid() -> u32 {
 /// The bytes of a socket's read half as a stream, ending at EOF or the first error.
 fn reader_stream(
     read: tokio::net::unix::OwnedReadHalf,
-) -> impl futures_util::Stream<Item = Result<bytes::Bytes, DockerError>> + Send {
+) -> impl futures_util::Stream<Item = Result<bytes::Bytes, EngineError>> + Send {
     futures_util::stream::unfold(read, |mut read| async move {
         let mut buf = vec![0u8; 64 * 1024];
         match read.read(&mut buf).await {

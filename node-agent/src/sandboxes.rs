@@ -14,7 +14,7 @@ use codefleet_shared::validate::JobFile;
 use codefleet_shared::{Isolation, ResolvedLimits, Status};
 
 use crate::config::Config;
-use crate::docker::{Docker, SandboxSpec};
+use crate::engine::{Engine, SandboxSpec};
 use crate::job::{Prepared, OPEN_FILES};
 use crate::lifecycle::Lifecycle;
 use crate::pool::{InUse, PoolKey, Pools, Sizing, Source};
@@ -35,7 +35,7 @@ pub struct Sandboxes {
     config: Arc<Config>,
     registry: Arc<Registry>,
     lifecycle: Arc<Lifecycle>,
-    docker: Docker,
+    docker: Arc<dyn Engine>,
     reaper: Reaper,
     supervisor: String,
     pools: Pools,
@@ -55,7 +55,7 @@ impl Sandboxes {
         config: Arc<Config>,
         registry: Arc<Registry>,
         lifecycle: Arc<Lifecycle>,
-        (docker, reaper, supervisor): (Docker, Reaper, String),
+        (docker, reaper, supervisor): (Arc<dyn Engine>, Reaper, String),
     ) -> Sandboxes {
         Sandboxes {
             config,
@@ -73,8 +73,13 @@ impl Sandboxes {
         }
     }
 
-    pub fn docker(&self) -> &Docker {
-        &self.docker
+    pub fn docker(&self) -> &dyn Engine {
+        &*self.docker
+    }
+
+    /// Used sandboxes of `key` being reset right now.
+    pub fn resetting(&self, key: &PoolKey) -> u32 {
+        self.pools.resetting(key)
     }
 
     pub fn key(&self, language: &str, memory_bytes: u64) -> PoolKey {
@@ -130,7 +135,7 @@ impl Sandboxes {
             .map_err(SandboxError::Failed)?;
         let spec = self.spec(key, &tag, kind);
         let channel_root = self.config.channel_root();
-        Sandbox::start(&self.docker, &spec, &self.reaper, channel_root.as_deref()).await
+        Sandbox::start(&*self.docker, &spec, &self.reaper, channel_root.as_deref()).await
     }
 
     /// Starts a pool sandbox and runs the language's warm-up program in it, then resets it: the

@@ -15,6 +15,7 @@ use axum::Router;
 use clap::Parser;
 use codefleet_node_agent::catalog::Catalog;
 use codefleet_node_agent::docker::Docker;
+use codefleet_node_agent::engine::Engine;
 use codefleet_node_agent::sandbox::Reaper;
 use codefleet_node_agent::{http, Agent, Config};
 
@@ -90,7 +91,9 @@ fn agent_router() -> Router {
     let node = format!("api-doc-{}", std::process::id());
     let config = Config::parse_from(["codefleet-agent", "--node-id", &node]);
     let catalog = Catalog::load(None).expect("the built-in catalog");
-    let docker = Docker::connect().expect("a Docker client (it connects lazily)");
+    let docker: Arc<dyn Engine> = Arc::new(
+        Docker::connect(config.engine_timeouts()).expect("a Docker client (it connects lazily)"),
+    );
     let (reaper, _) = Reaper::start(docker.clone());
     let agent = Agent::new(config, catalog, docker, reaper, String::new());
     http::router(Arc::new(agent))

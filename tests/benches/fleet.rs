@@ -49,7 +49,7 @@ use tokio::sync::oneshot;
 use codefleet_gateway::routing::{Decision, NodeEntry, NodeId, RoutingTable, Want};
 use codefleet_node_agent::agent::SANDBOX_OVERHEAD_BYTES;
 use codefleet_node_agent::catalog::Catalog;
-use codefleet_node_agent::docker::{LABEL_KIND, LABEL_LANGUAGE, LABEL_NODE};
+use codefleet_node_agent::engine::{LABEL_KIND, LABEL_LANGUAGE, LABEL_NODE};
 use codefleet_node_agent::images::Recipe;
 use codefleet_shared::cluster::{CapacityReport, LanguageCapacity};
 use codefleet_shared::{
