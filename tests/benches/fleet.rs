@@ -851,7 +851,11 @@ impl Http {
             .send()
             .await?;
         if resp.status() != reqwest::StatusCode::OK {
-            bail!("{}: {}", resp.status(), resp.text().await.unwrap_or_default());
+            bail!(
+                "{}: {}",
+                resp.status(),
+                resp.text().await.unwrap_or_default()
+            );
         }
         let (mut buf, mut first) = (Vec::new(), None);
         while let Some(chunk) = resp.chunk().await? {
@@ -2092,7 +2096,11 @@ fn latency_rows(table: &mut Table, lang: &Lang, s: &Seq) {
                 "{} vs (d) p50 + 2 = {} ms: {}",
                 num(s.ds_first.p50()),
                 num(target),
-                if s.ds_first.p50() <= target { "met" } else { "not met" }
+                if s.ds_first.p50() <= target {
+                    "met"
+                } else {
+                    "not met"
+                }
             ))
             .note(join_notes(&[
                 format!(
