@@ -188,8 +188,8 @@ pub async fn remove_owned(docker: &dyn Engine, node: &str) -> Result<usize, engi
 }
 
 /// Stops pool starts and resets (waiting for them), drops pools and sessions, and sweeps until
-/// no container of this node is left (a create cut off by the stop may still land, hence the
-/// repeat).
+/// no container of this node is left for a second (a removal queued by a dropped sandbox, or a
+/// create the engine was still working on, may still land, hence the repeat).
 async fn cleanup(agent: &Agent) {
     drop(agent.shutdown_sandboxes().await);
     if let Some(dir) = agent.config().channel_root() {
@@ -202,7 +202,7 @@ async fn cleanup(agent: &Agent) {
             Ok(_) => quiet_rounds = 0,
             Err(e) => tracing::warn!(error = %e, "cleanup sweep failed"),
         }
-        if quiet_rounds >= 2 {
+        if quiet_rounds >= 4 {
             return;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;

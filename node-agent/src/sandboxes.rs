@@ -138,11 +138,10 @@ impl Sandboxes {
         Sandbox::start(&*self.docker, &spec, &self.reaper, channel_root.as_deref()).await
     }
 
-    /// Starts a pool sandbox and runs the language's warm-up program in it, then resets it: the
+    /// Runs the language's warm-up program in a new pool sandbox, then resets it: the
     /// first run of a toolchain in a new container pays for loading it, and a user's job should
     /// not. The sandbox still never ran another job, so it serves `fresh` jobs.
-    async fn start_warm(&self, key: &PoolKey) -> Result<Sandbox, SandboxError> {
-        let mut sandbox = self.start(key, "pool").await?;
+    async fn warm_up(&self, key: &PoolKey, mut sandbox: Sandbox) -> Result<Sandbox, SandboxError> {
         let Some(lang) = self.registry.catalog().find(&key.language) else {
             return Ok(sandbox);
         };
@@ -286,16 +285,27 @@ impl Sandboxes {
     fn spawn_start(self: &Arc<Self>, key: PoolKey) {
         let this = self.clone();
         self.tasks.spawn(async move {
-            let started = tokio::select! {
-                started = async {
-                    let _permit = this.starts.clone().acquire_owned().await;
-                    this.start_warm(&key).await
-                } => started,
+            let permit = tokio::select! {
+                permit = this.starts.clone().acquire_owned() => permit,
                 () = this.stop.cancelled() => {
                     this.pools.start_failed(&key);
                     return;
                 }
             };
+            // A start that has begun is not cut off: the engine could still create a container
+            // the agent never heard of after shutdown's last sweep. It is bounded by the engine
+            // calls' timeouts; only the warm-up after it stops at shutdown.
+            let started = match this.start(&key, "pool").await {
+                Ok(sandbox) => tokio::select! {
+                    warm = this.warm_up(&key, sandbox) => warm,
+                    () = this.stop.cancelled() => {
+                        this.pools.start_failed(&key);
+                        return;
+                    }
+                },
+                Err(e) => Err(e),
+            };
+            drop(permit);
             match started {
                 Ok(sb) => this.pools.put_fresh(&key, sb, Instant::now()),
                 Err(e) => {

@@ -309,7 +309,16 @@ impl Drop for TestAgent {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
+        // A container the engine was still creating when the agent went may appear a moment
+        // later: look again for a few seconds.
         remove_containers_of(&self.node);
+        for _ in 0..8 {
+            std::thread::sleep(Duration::from_millis(250));
+            if containers_of(&self.node).is_empty() {
+                continue;
+            }
+            remove_containers_of(&self.node);
+        }
     }
 }
 
