@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 use codefleet_shared::validate::JobFile;
 use codefleet_shared::{Isolation, ResolvedLimits, Status};
 
+use crate::catalog::Language;
 use crate::config::Config;
 use crate::engine::{Engine, SandboxSpec};
 use crate::job::{Prepared, OPEN_FILES};
@@ -82,16 +83,18 @@ impl Sandboxes {
         self.pools.resetting(key)
     }
 
-    pub fn key(&self, language: &str, memory_bytes: u64) -> PoolKey {
+    /// The pool of runtime `runtime` at `memory_bytes`.
+    pub fn key(&self, runtime: &Language, memory_bytes: u64) -> PoolKey {
         PoolKey {
-            language: language.to_string(),
+            language: runtime.name.clone(),
+            runtime: runtime.runtime(),
             memory_bytes,
         }
     }
 
-    /// The pool of the default memory limit for `language`.
-    pub fn default_key(&self, language: &str) -> PoolKey {
-        self.key(language, self.config.default_limits().memory_bytes)
+    /// The pool of the default memory limit for `runtime`.
+    pub fn default_key(&self, runtime: &Language) -> PoolKey {
+        self.key(runtime, self.config.default_limits().memory_bytes)
     }
 
     pub fn sizing(&self, key: &PoolKey) -> Sizing {
@@ -131,7 +134,7 @@ impl Sandboxes {
     pub async fn start(&self, key: &PoolKey, kind: &'static str) -> Result<Sandbox, SandboxError> {
         let tag = self
             .registry
-            .ready_tag(&key.language)
+            .ready_tag(&key.runtime)
             .map_err(SandboxError::Failed)?;
         let spec = self.spec(key, &tag, kind);
         let channel_root = self.config.channel_root();
@@ -143,7 +146,7 @@ impl Sandboxes {
     /// not. The sandbox still never ran another job, so it serves `fresh` jobs.
     async fn start_warm(&self, key: &PoolKey) -> Result<Sandbox, SandboxError> {
         let mut sandbox = self.start(key, "pool").await?;
-        let Some(lang) = self.registry.catalog().find(&key.language) else {
+        let Some(lang) = self.registry.catalog().runtime(&key.runtime) else {
             return Ok(sandbox);
         };
         let Some(source) = &lang.warmup else {
@@ -242,7 +245,7 @@ impl Sandboxes {
         self.refill.notify_one();
     }
 
-    /// Ready sandboxes per language.
+    /// Ready sandboxes per runtime id.
     pub fn warm_counts(&self) -> std::collections::HashMap<String, u32> {
         self.pools.warm_counts()
     }
@@ -254,7 +257,7 @@ impl Sandboxes {
                 .registry
                 .serving()
                 .iter()
-                .map(|l| self.default_key(l))
+                .map(|runtime| self.default_key(runtime))
                 .collect();
             // Sandboxes whose containers died behind our back go before any job is handed one,
             // and the plan below replaces them.
@@ -273,7 +276,12 @@ impl Sandboxes {
                     }
                 }
             }
-            for (lang, n) in self.pools.warm_counts() {
+            let mut per_language: std::collections::BTreeMap<String, u32> = Default::default();
+            for (runtime, n) in self.pools.warm_counts() {
+                let language = runtime.split_once('/').map_or(runtime.as_str(), |(l, _)| l);
+                *per_language.entry(language.to_string()).or_default() += n;
+            }
+            for (lang, n) in per_language {
                 metrics::gauge!("codefleet_warm_sandboxes", "language" => lang).set(n as f64);
             }
             let reachable = self.lifecycle.docker_ok();

@@ -461,7 +461,10 @@ async fn used_sandboxes_are_reset_and_reused_or_discarded() {
     let key = node
         .agent
         .sandboxes()
-        .key("fakepy", node.agent.config().default_limits().memory_bytes);
+        .key(
+            node.agent.registry().catalog().find("fakepy").unwrap(),
+            node.agent.config().default_limits().memory_bytes,
+        );
     eventually("the used sandbox reset", || {
         node.agent.sandboxes().resetting(&key) == 0
     })

@@ -47,9 +47,43 @@ pub struct CapacityReport {
     /// engine does not answer); gateways then treat the node as down.
     #[serde(default = "yes")]
     pub ready: bool,
+    /// One entry per language name: its default runtime (the newest ready one), as gateways of
+    /// the version before runtimes read it.
     pub languages: BTreeMap<String, LanguageCapacity>,
     #[serde(default)]
     pub sessions: u32,
+    /// Every runtime (one language at one version in one image), newest first within a
+    /// language. Absent in the reports of agents from before runtimes: [`CapacityReport::all_runtimes`]
+    /// then reads `languages`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub runtimes: Vec<RuntimeCapacity>,
+}
+
+/// What one runtime looks like on one node.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RuntimeCapacity {
+    /// The language's canonical name.
+    pub name: String,
+    #[serde(flatten)]
+    pub capacity: LanguageCapacity,
+}
+
+impl CapacityReport {
+    /// Every runtime with its language's name: `runtimes`, or one per entry of `languages` in a
+    /// report that has no `runtimes`.
+    pub fn all_runtimes(&self) -> Vec<(&str, &LanguageCapacity)> {
+        if self.runtimes.is_empty() {
+            self.languages
+                .iter()
+                .map(|(name, l)| (name.as_str(), l))
+                .collect()
+        } else {
+            self.runtimes
+                .iter()
+                .map(|r| (r.name.as_str(), &r.capacity))
+                .collect()
+        }
+    }
 }
 
 fn yes() -> bool {
