@@ -322,6 +322,7 @@ impl Agent {
                     error: l.error,
                 },
                 name: l.name,
+                runtime: id,
             })
             .collect();
         let mut languages: BTreeMap<String, LanguageCapacity> = BTreeMap::new();

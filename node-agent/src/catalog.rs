@@ -286,7 +286,9 @@ mod tests {
         }
         let twice = "[[language]]\nname = \"a\"\naliases = [\"x\"]\nimage = \"a\"\nfile_name = \"a\"\nversion = [\"v\"]\nrun = [\"r\"]\n\n\
                      [[language]]\nname = \"b\"\naliases = [\"x\"]\nimage = \"b\"\nfile_name = \"b\"\nversion = [\"v\"]\nrun = [\"r\"]\n";
-        assert!(Catalog::parse(twice).unwrap_err().contains("\"x\" names both"));
+        assert!(Catalog::parse(twice)
+            .unwrap_err()
+            .contains("\"x\" names both"));
         let same_image = twice.replace("\"b\"", "\"a\"");
         assert!(Catalog::parse(&same_image)
             .unwrap_err()
@@ -304,10 +306,17 @@ mod tests {
             assert_eq!(runtimes.len(), 2, "{}", l.name);
         }
         // An alias names the runtimes that list it; the name names them all.
-        let java17: Vec<String> = builtin.named("JAVA17").iter().map(|l| l.runtime()).collect();
+        let java17: Vec<String> = builtin
+            .named("JAVA17")
+            .iter()
+            .map(|l| l.runtime())
+            .collect();
         assert_eq!(java17, ["java/java"]);
         assert_eq!(builtin.named("py").len(), 2);
-        let enabled = builtin.clone().restrict(&["python".into(), "java21".into()]).unwrap();
+        let enabled = builtin
+            .clone()
+            .restrict(&["python".into(), "java21".into()])
+            .unwrap();
         let ids: Vec<String> = enabled.languages.iter().map(|l| l.runtime()).collect();
         assert_eq!(ids, ["python/python", "python/python-3.13", "java/java-21"]);
     }

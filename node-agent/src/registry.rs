@@ -253,7 +253,10 @@ mod tests {
             assert_eq!(got.as_deref().map_err(|c| *c), *want, "{name} {version:?}");
         }
         let (lang, _, tag) = r.resolve(Some("python"), Some("3.11")).unwrap();
-        assert_eq!((lang.image.as_str(), tag.as_str()), ("python", "tag-3.11.2"));
+        assert_eq!(
+            (lang.image.as_str(), tag.as_str()),
+            ("python", "tag-3.11.2")
+        );
         let problem = r.resolve(Some("python"), Some("3.1")).unwrap_err();
         assert!(
             problem.detail.contains("available: 3.13.5, 3.11.2"),

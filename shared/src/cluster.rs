@@ -64,23 +64,26 @@ pub struct CapacityReport {
 pub struct RuntimeCapacity {
     /// The language's canonical name.
     pub name: String,
+    /// The runtime's id on its node (`python/python-3.13`: the language and its image's
+    /// recipe), the same on nodes of the same catalog; what gateways merge nodes' runtimes by.
+    pub runtime: String,
     #[serde(flatten)]
     pub capacity: LanguageCapacity,
 }
 
 impl CapacityReport {
-    /// Every runtime with its language's name: `runtimes`, or one per entry of `languages` in a
-    /// report that has no `runtimes`.
-    pub fn all_runtimes(&self) -> Vec<(&str, &LanguageCapacity)> {
+    /// Every runtime as (language name, runtime id, capacity): `runtimes`, or one per entry of
+    /// `languages` (with the id `""`) in a report that has no `runtimes`.
+    pub fn all_runtimes(&self) -> Vec<(&str, &str, &LanguageCapacity)> {
         if self.runtimes.is_empty() {
             self.languages
                 .iter()
-                .map(|(name, l)| (name.as_str(), l))
+                .map(|(name, l)| (name.as_str(), "", l))
                 .collect()
         } else {
             self.runtimes
                 .iter()
-                .map(|r| (r.name.as_str(), &r.capacity))
+                .map(|r| (r.name.as_str(), r.runtime.as_str(), &r.capacity))
                 .collect()
         }
     }

@@ -1062,6 +1062,7 @@ fn report_stub(gateway: String, stub: String) -> tokio::task::JoinHandle<()> {
             },
         )]),
         sessions: 0,
+        runtimes: vec![],
     };
     tokio::spawn(async move {
         let client = http_client();
@@ -2223,7 +2224,7 @@ fn routing_bench(budget: Duration) -> Routing {
         slots_total: 8,
         languages: LANGS
             .iter()
-            .map(|l| (l.to_string(), "1.0".to_string()))
+            .map(|l| (l.to_string(), vec![(String::new(), "1.0".to_string())]))
             .collect(),
         load: i,
     };
@@ -2259,6 +2260,7 @@ fn routing_bench(budget: Duration) -> Routing {
                 let want = Want {
                     language: LANGS[k % LANGS.len()],
                     version: None,
+                    runtime: None,
                     exclude: &[],
                 };
                 match table.choose(black_box(&want), config.balance_factor, |&i| loads[i]) {
