@@ -771,4 +771,74 @@ mod tests {
         assert_eq!(snapshot.ready_nodes, 2);
         assert_eq!(snapshot.table.nodes().len(), 2);
     }
+
+    fn with_runtimes(id: &str, runtimes: &[(&str, &str, &str)]) -> CapacityReport {
+        use codefleet_shared::cluster::RuntimeCapacity;
+        let mut r = report(id, 0);
+        r.runtimes = runtimes
+            .iter()
+            .map(|(name, runtime, version)| RuntimeCapacity {
+                name: name.to_string(),
+                runtime: runtime.to_string(),
+                capacity: python(version),
+            })
+            .collect();
+        r
+    }
+
+    #[test]
+    fn runtimes_merge_by_id_and_requests_resolve_to_the_newest_they_name() {
+        let (mut m, t0) = (membership(), Instant::now());
+        let both = [
+            ("python", "python/python-3.13", "3.13.5"),
+            ("python", "python/python", "3.11.2"),
+        ];
+        m.report(with_runtimes("a", &both), t0).unwrap();
+        m.report(with_runtimes("b", &both[1..]), t0).unwrap();
+        let snapshot = m.snapshot(&Snapshot::empty(160));
+        let catalog = &snapshot.catalog;
+        let listed: Vec<(&str, u32)> = catalog
+            .languages()
+            .map(|l| (l.version.as_str(), l.nodes_ready))
+            .collect();
+        assert_eq!(listed, [("3.13.5", 1), ("3.11.2", 2)]);
+        let table: &[(Option<&str>, Option<&str>)] = &[
+            (None, Some("python/python-3.13")),
+            (Some("3"), Some("python/python-3.13")),
+            (Some("3.13"), Some("python/python-3.13")),
+            (Some("3.11"), Some("python/python")),
+            (Some("3.1"), None),
+        ];
+        for (version, want) in table {
+            let got = catalog
+                .resolve_runtime("py", *version)
+                .ok()
+                .map(|(_, id)| id);
+            assert_eq!(got, *want, "{version:?}");
+        }
+        let err = catalog.resolve("python", Some("3.1")).unwrap_err();
+        assert!(
+            err.problem().detail.contains("known: 3.13.5, 3.11.2"),
+            "{err}"
+        );
+        // Only node a runs 3.13; both run 3.11, and node b runs it for any `3` it is asked.
+        let nodes = |version: Option<&str>, runtime: &str| -> Vec<String> {
+            let mut ids: Vec<String> = snapshot
+                .table
+                .nodes()
+                .iter()
+                .filter(|n| {
+                    n.runtime_for("python", version)
+                        .is_some_and(|(id, _)| id == runtime)
+                })
+                .map(|n| n.id.to_string())
+                .collect();
+            ids.sort();
+            ids
+        };
+        assert_eq!(nodes(None, "python/python-3.13"), ["a"]);
+        assert_eq!(nodes(Some("3.11"), "python/python"), ["a", "b"]);
+        assert_eq!(nodes(None, "python/python"), ["b"]);
+        assert_eq!(snapshot.table.nodes().len(), 2);
+    }
 }

@@ -442,6 +442,42 @@ mod tests {
     }
 
     #[test]
+    fn a_resolved_runtime_goes_only_to_nodes_that_would_run_it() {
+        let mut entries: Vec<NodeEntry<usize>> = (0..2).map(|i| node(i, 2)).collect();
+        let old = ("py/old".to_string(), "3.11.2".to_string());
+        let new = ("py/new".to_string(), "3.13.5".to_string());
+        entries[0]
+            .languages
+            .insert("python".into(), vec![old.clone(), new]);
+        entries[1].languages.insert("python".into(), vec![old]);
+        let table = RoutingTable::new(VNODES, entries);
+        let cases: &[(Option<&str>, &str, Option<usize>)] = &[
+            (None, "py/new", Some(0)),
+            (Some("3.13"), "py/new", Some(0)),
+            // Node 0 would run 3.13 for a request without a version, so only node 1 runs 3.11.
+            (None, "py/old", Some(1)),
+            (Some("3.1"), "py/old", None),
+        ];
+        for (version, runtime, expected) in cases {
+            let want = Want {
+                version: *version,
+                runtime: Some(runtime),
+                ..want("python")
+            };
+            assert_eq!(pick(&table, &want, &[0, 0]), *expected, "{want:?}");
+        }
+        // Asked for 3.11, both nodes run it: the one the ring prefers wins.
+        let want = Want {
+            version: Some("3.11"),
+            runtime: Some("py/old"),
+            ..want("python")
+        };
+        assert!(pick(&table, &want, &[0, 0]).is_some());
+        let busy_first = [2, 0];
+        assert_eq!(pick(&table, &want, &busy_first), Some(1));
+    }
+
+    #[test]
     fn above_the_bound_a_free_slot_still_wins_over_waiting() {
         // Node 0 is small and full; node 1 is above the bound but has room.
         let table = RoutingTable::new(VNODES, vec![node(0, 2), node(1, 16)]);

@@ -95,6 +95,27 @@ impl Registry {
             .collect()
     }
 
+    /// The id of `language`'s default runtime: the newest ready one (what a request without
+    /// `version` gets). `None` while a runtime of the language is still being prepared (it may
+    /// be newer).
+    pub fn default_runtime(&self, language: &str) -> Option<String> {
+        let runtimes = || self.catalog.languages.iter().filter(|l| l.name == language);
+        let preparing = runtimes().any(|l| {
+            let status = self.status(&l.runtime());
+            status.version().is_none() && !matches!(status, ImageStatus::Failed(_))
+        });
+        if preparing {
+            return None;
+        }
+        runtimes()
+            .filter_map(|l| {
+                let status = self.status(&l.runtime());
+                status.version().map(|v| (l.runtime(), v.to_string()))
+            })
+            .max_by(|a, b| compare_versions(&a.1, &b.1))
+            .map(|(id, _)| id)
+    }
+
     /// Resolves `language` and `version` to a ready runtime (with its version and image tag):
     /// among the runtimes the language names, the newest ready one whose version `version`
     /// names; or the right problem: `unknown_language` for no such language, or for a version
@@ -294,7 +315,17 @@ mod tests {
             ]
         );
         assert_eq!(r.serving().len(), 2);
+        assert_eq!(
+            r.default_runtime("python").as_deref(),
+            Some("python/python-3.13")
+        );
         let r = registry(ready("3.11.2"), ImageStatus::Preparing);
+        assert_eq!(r.default_runtime("python"), None);
+        let r = registry(ready("3.11.2"), ImageStatus::Failed("no base".into()));
+        assert_eq!(
+            r.default_runtime("python").as_deref(),
+            Some("python/python")
+        );
         assert_eq!(r.languages()[0].version, "3.11.2");
         assert_eq!(r.serving().len(), 1);
     }

@@ -97,12 +97,13 @@ impl Sandboxes {
         self.key(runtime, self.config.default_limits().memory_bytes)
     }
 
+    /// A pool's bounds: `--pool-min` for the default memory limit of a language's default
+    /// runtime (its newest, once none of its runtimes is still being prepared), none for other
+    /// runtimes and limits (they keep warm sandboxes by recent demand); at most `--pool-max`.
     pub fn sizing(&self, key: &PoolKey) -> Sizing {
-        let min = if key.memory_bytes == self.config.default_limits().memory_bytes {
-            self.config.pool_min
-        } else {
-            0
-        };
+        let default = key.memory_bytes == self.config.default_limits().memory_bytes
+            && self.registry.default_runtime(&key.language).as_deref() == Some(&key.runtime);
+        let min = if default { self.config.pool_min } else { 0 };
         Sizing {
             min,
             max: self.config.pool_max,
