@@ -466,12 +466,12 @@ impl Agent {
                 let _permit = builds.acquire().await;
                 let status = match agent.prepare_image(&lang).await {
                     Ok((tag, version)) => {
-                        tracing::info!(language = %lang.name, %version, %tag, "language ready");
+                        tracing::info!(language = %lang.name, runtime = %lang.runtime(), %version, %tag, "language ready");
                         ImageStatus::Ready { tag, version }
                     }
                     Err(why) => {
                         metrics::counter!("codefleet_image_prepare_failures_total", "language" => lang.name.clone()).increment(1);
-                        tracing::error!(language = %lang.name, error = %why, "language unavailable");
+                        tracing::error!(language = %lang.name, runtime = %lang.runtime(), error = %why, "language unavailable");
                         ImageStatus::Failed(why)
                     }
                 };
