@@ -69,7 +69,7 @@ EOF
 
 for suite in "${SUITES[@]}"; do
   image="debian:$suite-slim"
-  [ -n "${CODEFLEET_BASE_IMAGE:-}" ] && image=$CODEFLEET_BASE_IMAGE
+  if [ -n "${CODEFLEET_BASE_IMAGE:-}" ]; then image=$CODEFLEET_BASE_IMAGE; fi
   bootstrap "$suite" "$image"
-  [ -n "${CODEFLEET_BASE_IMAGE:-}" ] && break
+  if [ -n "${CODEFLEET_BASE_IMAGE:-}" ]; then break; fi
 done

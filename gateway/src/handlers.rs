@@ -37,6 +37,7 @@ pub const OPENAPI: &str = include_str!("../openapi.json");
 pub fn router(gw: Arc<Gateway>) -> Router {
     let public = Router::new()
         .route("/v1/execute", post(execute))
+        .route("/v1/judge", post(crate::judge::judge))
         .route("/v1/connect", get(connect::connect))
         .route("/v1/languages", get(languages))
         .route("/v1/sessions", post(create_session))
@@ -106,7 +107,10 @@ pub(crate) fn resolve_language<'s>(
 }
 
 /// Tags the answer with the canonical language for the request metrics.
-fn labelled(language: Option<String>, result: Result<Response, GatewayError>) -> Response {
+pub(crate) fn labelled(
+    language: Option<String>,
+    result: Result<Response, GatewayError>,
+) -> Response {
     let mut response = result.into_response();
     if let Some(language) = language {
         response.extensions_mut().insert(LanguageLabel(language));

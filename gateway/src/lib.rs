@@ -19,6 +19,7 @@ pub mod dispatch;
 pub mod edge;
 pub mod error;
 mod handlers;
+mod judge;
 mod line;
 pub mod membership;
 pub mod metrics;

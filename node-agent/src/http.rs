@@ -20,6 +20,7 @@ use tracing::Instrument;
 use codefleet_shared::api::object_only::Object;
 use codefleet_shared::auth;
 use codefleet_shared::cluster::{NOT_STARTED_HEADER, QUEUE_WAIT_HEADER};
+use codefleet_shared::judge::{JudgeEvent, JudgeRequest};
 use codefleet_shared::stream::{wants_stream, JobEvent, NDJSON};
 use codefleet_shared::validate::json_depth;
 use codefleet_shared::{CreateSession, ErrorCode, ExecuteRequest, Problem};
@@ -27,7 +28,7 @@ use codefleet_shared::{CreateSession, ErrorCode, ExecuteRequest, Problem};
 use crate::agent::{Agent, Streaming};
 use crate::error::AgentError;
 use crate::job::Prepared;
-use crate::runner::Target;
+use crate::runner::{Target, Ticket};
 
 /// An error as an HTTP answer: the one place the agent's errors become problem+json. A node's
 /// error for a job that certainly did not start says so (`x-codefleet-not-started: true`), so
@@ -66,6 +67,7 @@ pub fn problem_response(p: &Problem) -> Response {
 pub fn router(agent: Arc<Agent>) -> Router {
     let v1 = Router::new()
         .route("/v1/execute", post(execute))
+        .route("/v1/judge", post(judge))
         .route("/v1/connect", get(crate::connect::connect))
         .route("/v1/languages", get(languages))
         .route("/v1/capacity", get(capacity))
@@ -176,6 +178,50 @@ async fn execute(State(agent): State<Arc<Agent>>, request: Request) -> Result<Re
         .instrument(span)
         .await
 }
+
+/// `POST /v1/judge`: validated completely, then one slot; the buffered answer, or the NDJSON
+/// stream of `JudgeEvent`s (`200` once the judge holds a slot).
+async fn judge(State(agent): State<Arc<Agent>>, request: Request) -> Result<Response, ApiError> {
+    let asked = Asked::of(&request);
+    let req: JudgeRequest = read_json(&agent, request).await?;
+    let prepared = agent.prepare_judge(&req)?;
+    let span = tracing::info_span!("judge", node = %agent.node(), language = %prepared.program.language.name);
+    let slot = agent.admit(asked.wait).instrument(span.clone()).await?;
+    let ticket = Ticket::new(asked.received, asked.request_id);
+    if !asked.stream {
+        let answer = agent
+            .judge(slot, &prepared, &ticket, None)
+            .instrument(span)
+            .await?;
+        return Ok(Json(answer).into_response());
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<JudgeEvent>(STREAMED_TESTS);
+    let stall = Duration::from_millis(agent.config().stream_stall_ms);
+    tokio::spawn(
+        async move {
+            let last = match agent.judge(slot, &prepared, &ticket, Some(&tx)).await {
+                Ok(answer) => JudgeEvent::Result {
+                    result: Box::new(answer),
+                },
+                Err(e) => JudgeEvent::Error { error: e.problem },
+            };
+            let _ = tokio::time::timeout(stall, tx.send(last)).await;
+        }
+        .instrument(span),
+    );
+    let lines = futures_util::stream::unfold(rx, |mut rx| async move {
+        let event = rx.recv().await?;
+        Some((Ok::<_, Infallible>(bytes::Bytes::from(event.to_line())), rx))
+    });
+    Ok((
+        [(header::CONTENT_TYPE, NDJSON)],
+        axum::body::Body::from_stream(lines),
+    )
+        .into_response())
+}
+
+/// Events of a streamed judge waiting for its client at most.
+const STREAMED_TESTS: usize = 16;
 
 /// Runs a validated job and answers: the buffered JSON answer, or the NDJSON stream (`200` as
 /// soon as the job holds a slot; refusals before that are problem+json as ever).

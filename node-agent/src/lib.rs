@@ -21,6 +21,7 @@ pub mod error;
 pub mod http;
 pub mod images;
 pub mod job;
+pub mod judge;
 pub mod lease;
 pub mod lifecycle;
 pub mod pool;

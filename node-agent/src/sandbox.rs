@@ -428,8 +428,24 @@ impl Sandbox {
 
     /// Resets the sandbox for another job.
     pub async fn reset(&mut self) -> Result<(), SandboxError> {
+        self.make_ready(Command::Reset).await
+    }
+
+    /// Judging: makes the last job's work dir (the compiled program) root's and read-only to
+    /// later runs (`Command::Freeze`).
+    pub async fn freeze(&mut self) -> Result<(), SandboxError> {
+        self.make_ready(Command::Freeze).await
+    }
+
+    /// Judging: back to the frozen program between two runs (`Command::Restore`).
+    pub async fn restore(&mut self) -> Result<(), SandboxError> {
+        self.make_ready(Command::Restore).await
+    }
+
+    /// Sends a command the supervisor answers with `Ready` or `ResetFailed`.
+    async fn make_ready(&mut self, command: Command) -> Result<(), SandboxError> {
         self.settle().await?;
-        self.send(&Command::Reset).await?;
+        self.send(&command).await?;
         self.owed = Owed::Answer {
             job: None,
             by: Instant::now() + RESET_WITHIN,

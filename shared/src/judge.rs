@@ -5,8 +5,13 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::api::{ExecuteRequest, LanguageRef, Limits, StageResult, Status, Timing};
+use std::time::Duration;
+
+use crate::api::{
+    object_only, ExecuteRequest, LanguageRef, Limits, ResolvedLimits, StageResult, Status, Timing,
+};
 use crate::problem::{ErrorCode, Problem};
+use crate::validate::resolve_limits;
 
 /// The most test cases one judge request may carry.
 pub const MAX_TESTS: usize = 256;
@@ -15,15 +20,31 @@ pub const MAX_TESTS_BYTES: usize = 16 * 1024 * 1024;
 /// The largest tolerance a `float` checker accepts (a larger one would accept anything).
 pub const MAX_TOLERANCE: f64 = 1.0e6;
 
+/// The files a `program` checker finds in its work dir, in the order of its arguments: the
+/// test's input, the expected output, the judged program's output.
+pub const CHECKER_FILES: [&str; 3] = ["input.txt", "expected.txt", "output.txt"];
+/// The most bytes of a checker's stdout kept as a test's `message`.
+pub const MAX_MESSAGE_BYTES: usize = 4096;
+/// Time allowed per test beyond its own limits (the restore between runs, the round trips).
+pub const PER_TEST_OVERHEAD: Duration = Duration::from_millis(1000);
+
 /// `POST /v1/judge` as it arrives: the program as in `POST /v1/execute` (without `stdin`, which
 /// each test carries), the tests, and how answers are checked.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct JudgeRequest {
     #[serde(flatten)]
     pub program: ExecuteRequest,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "object_only::option_vec"
+    )]
     pub tests: Option<Vec<TestCase>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "object_only::option"
+    )]
     pub checker: Option<Checker>,
     /// Stop at the first test that is not accepted; the rest are `skipped`.
     #[serde(default)]
@@ -38,7 +59,11 @@ pub struct TestCase {
     #[serde(default)]
     pub expected: String,
     /// This test's own run limits, over the request's (`compile_wall_time_ms` does not apply).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "object_only::option"
+    )]
     pub limits: Option<Limits>,
 }
 
@@ -211,6 +236,9 @@ pub struct JudgeResponse {
     pub tests: Vec<TestResult>,
     pub node: String,
     pub timing: Timing,
+    /// Nodes the gateway tried (set by a gateway).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
 }
@@ -226,6 +254,91 @@ impl JudgeResponse {
             None => (Verdict::Accepted, None),
         }
     }
+}
+
+/// One event of a judge streamed as NDJSON (`Accept: application/x-ndjson`): `accepted` once
+/// the node took the judge, `compile` when the program's compile stage ended (languages that
+/// compile), one `test` per test in order as each is judged (skipped ones too), then exactly
+/// one `result` (the buffered answer) or `error`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum JudgeEvent {
+    Accepted {
+        id: String,
+        node: String,
+        language: LanguageRef,
+        queued_ms: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        request_id: Option<String>,
+    },
+    Compile {
+        result: StageResult,
+    },
+    Test {
+        index: usize,
+        result: TestResult,
+    },
+    Result {
+        result: Box<JudgeResponse>,
+    },
+    Error {
+        error: Problem,
+    },
+}
+
+impl JudgeEvent {
+    /// The event as one NDJSON line.
+    pub fn to_line(&self) -> String {
+        let mut line = serde_json::to_string(self).expect("events serialize");
+        line.push('\n');
+        line
+    }
+}
+
+/// Test `index`'s limits: the request's (`program`, already resolved) with the test's own over
+/// them, within `max`. A test cannot set `memory_bytes` (every test runs in the one sandbox,
+/// whose memory is the request's) nor `compile_wall_time_ms`.
+pub fn test_limits(
+    index: usize,
+    program: &ResolvedLimits,
+    asked: Option<&Limits>,
+    max: &ResolvedLimits,
+) -> Result<ResolvedLimits, Problem> {
+    let Some(asked) = asked else {
+        return Ok(*program);
+    };
+    for (name, set) in [
+        ("memory_bytes", asked.memory_bytes.is_some()),
+        ("compile_wall_time_ms", asked.compile_wall_time_ms.is_some()),
+    ] {
+        if set {
+            return Err(Problem::new(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "tests[{index}].limits.{name}: set it in the request's `limits`, for all tests"
+                ),
+            ));
+        }
+    }
+    resolve_limits(Some(asked), program, max).map_err(|mut p| {
+        p.detail = format!("tests[{index}]: {}", p.detail);
+        p
+    })
+}
+
+/// The longest a judge may take by its limits: one compile, every test's wall time, and for a
+/// `program` checker its compile and one run per test; plus `PER_TEST_OVERHEAD` per test.
+pub fn judge_budget(
+    program: &ResolvedLimits,
+    tests: &[ResolvedLimits],
+    checker: Option<&ResolvedLimits>,
+) -> Duration {
+    let runs: u64 = tests.iter().map(|t| t.wall_time_ms).sum();
+    let checks = checker.map_or(0, |c| {
+        c.compile_wall_time_ms + c.wall_time_ms * tests.len() as u64
+    });
+    Duration::from_millis(program.compile_wall_time_ms + runs + checks)
+        + PER_TEST_OVERHEAD * tests.len() as u32
 }
 
 /// Checks what `POST /v1/execute`'s checks do not: the tests, their size, the checker.
@@ -266,6 +379,17 @@ pub fn check_judge(req: &JudgeRequest) -> Result<(), Problem> {
                 "a checker program gets the test's files as arguments; `stdin` and `args` are not allowed"
                     .into(),
             );
+        }
+        let taken = program
+            .files
+            .iter()
+            .flatten()
+            .find(|f| CHECKER_FILES.contains(&f.name.as_str()));
+        if let Some(file) = taken {
+            return invalid(format!(
+                "a checker program's file may not be called {:?}: the test's files take that name",
+                file.name
+            ));
         }
     }
     Ok(())
@@ -341,6 +465,17 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(serde_json::from_str::<Checker>(r#"{"type":"regex"}"#).is_err());
+        // Objects only: serde's derived structs and tagged enums would take arrays too.
+        for arrays in [
+            r#"{"tests":[[]]}"#,
+            r#"{"tests":[{"limits":[null,null]}]}"#,
+            r#"{"tests":[{}],"checker":["exact"]}"#,
+        ] {
+            assert!(
+                serde_json::from_str::<JudgeRequest>(arrays).is_err(),
+                "{arrays}"
+            );
+        }
         assert!(serde_json::from_str::<TestCase>(r#"{"input":"1"}"#).is_err());
     }
 
@@ -379,10 +514,88 @@ mod tests {
                     rel_tol: 0.0,
                 })
             }),
+            with(&|r| {
+                r.checker = Some(Checker::Program {
+                    program: Box::new(ExecuteRequest {
+                        files: Some(vec![crate::api::FileSpec {
+                            name: "expected.txt".into(),
+                            content: String::new(),
+                            encoding: Default::default(),
+                        }]),
+                        ..ExecuteRequest::default()
+                    }),
+                })
+            }),
         ];
         for (i, refusal) in refusals.iter().enumerate() {
             assert!(refusal.is_some(), "case {i} was accepted");
         }
+    }
+
+    #[test]
+    fn a_tests_limits_are_the_requests_with_its_own_over_them() {
+        let max = ResolvedLimits {
+            wall_time_ms: 10_000,
+            ..ResolvedLimits::DEFAULT
+        };
+        let program = ResolvedLimits {
+            wall_time_ms: 2_000,
+            ..ResolvedLimits::DEFAULT
+        };
+        assert_eq!(test_limits(0, &program, None, &max), Ok(program));
+        let own = Limits {
+            wall_time_ms: Some(500),
+            ..Limits::default()
+        };
+        let got = test_limits(0, &program, Some(&own), &max).unwrap();
+        assert_eq!(got.wall_time_ms, 500);
+        assert_eq!(got.memory_bytes, program.memory_bytes);
+        let over = Limits {
+            wall_time_ms: Some(10_001),
+            ..Limits::default()
+        };
+        let refused = test_limits(3, &program, Some(&over), &max).unwrap_err();
+        assert_eq!(refused.code, ErrorCode::LimitExceedsMax);
+        assert!(refused.detail.starts_with("tests[3]"), "{}", refused.detail);
+        let memory = Limits {
+            memory_bytes: Some(1 << 20),
+            ..Limits::default()
+        };
+        let refused = test_limits(1, &program, Some(&memory), &max).unwrap_err();
+        assert_eq!(refused.code, ErrorCode::InvalidRequest);
+    }
+
+    #[test]
+    fn the_budget_covers_one_compile_and_every_run() {
+        let l = |compile, wall| ResolvedLimits {
+            compile_wall_time_ms: compile,
+            wall_time_ms: wall,
+            ..ResolvedLimits::DEFAULT
+        };
+        let tests = [l(0, 1_000), l(0, 3_000)];
+        assert_eq!(
+            judge_budget(&l(10_000, 0), &tests, None),
+            Duration::from_millis(14_000) + PER_TEST_OVERHEAD * 2
+        );
+        assert_eq!(
+            judge_budget(&l(10_000, 0), &tests, Some(&l(5_000, 500))),
+            Duration::from_millis(14_000 + 5_000 + 2 * 500) + PER_TEST_OVERHEAD * 2
+        );
+    }
+
+    #[test]
+    fn judge_events_are_single_tagged_lines() {
+        let line = JudgeEvent::Test {
+            index: 2,
+            result: TestResult {
+                verdict: Verdict::WrongAnswer,
+                run: None,
+                message: Some("a\nb".into()),
+            },
+        }
+        .to_line();
+        assert_eq!(line.matches('\n').count(), 1);
+        assert!(line.starts_with(r#"{"type":"test","index":2,"#), "{line}");
     }
 
     #[test]

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::api::StageResult;
 
 /// Version of this protocol. Bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Environment variable naming the unix socket the supervisor connects to. When it is absent
 /// the supervisor speaks on its stdin and stdout (the container's attach stream) instead.
@@ -35,6 +35,16 @@ pub enum Command {
     Reset,
     /// Answered by `Pong`; a liveness check.
     Ping,
+    /// Judging: makes what the last job left in the work dir (the judged program's files and
+    /// compile artifacts) the program every later run sees, out of the job user's hands: each
+    /// file copied to a root-owned read-only one, each directory root-owned and sticky (the
+    /// job may add entries, never change or remove the program's). Everything else a job can
+    /// write is emptied and every process killed. Answered by `Ready` or `ResetFailed`.
+    Freeze,
+    /// Judging, between two runs: every process killed, everything the job user made removed
+    /// (the work dir back to exactly what `Freeze` kept; `/tmp`, `/dev/shm`, `/dev/mqueue`
+    /// and System V IPC emptied), then checked. Answered by `Ready` or `ResetFailed`.
+    Restore,
     /// Bytes for the standard input of the running stage of job `id`, when that stage is
     /// `interactive`; ignored otherwise, and when no such job runs.
     Stdin { id: String, data_b64: String },
@@ -195,6 +205,6 @@ mod tests {
             cgroup: "v1".into(),
         })
         .unwrap();
-        assert_eq!(hello, r#"{"type":"hello","version":3,"cgroup":"v1"}"#);
+        assert_eq!(hello, r#"{"type":"hello","version":4,"cgroup":"v1"}"#);
     }
 }

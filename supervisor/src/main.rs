@@ -5,7 +5,9 @@
 //! and nothing of a stage outlives it. On `reset` (which the agent sends after answering its
 //! caller, never for a session) the sandbox is made clean: every other process killed, every
 //! writable mount emptied, System V IPC removed; `ready` follows, or `reset_failed` when anything
-//! is left over, in which case the agent discards the container. When stdin closes the agent is gone: the
+//! is left over, in which case the agent discards the container. A judge freezes its compiled
+//! program (`freeze`) and restores the sandbox to it between runs (`restore`, see `reset`). When
+//! stdin closes the agent is gone: the
 //! supervisor kills everything and exits, which ends the container.
 //!
 //! Built statically (`-C target-feature=+crt-static`) so it runs in any image, and mounted
@@ -68,12 +70,38 @@ fn main() {
         return;
     }
     let mut last_user = None;
+    // A judge's program, once frozen: what `restore` brings the work dir back to.
+    let mut frozen: Option<reset::Frozen> = None;
     while let Some(command) = chan.next() {
         let event = match command {
             Ok(Command::Ping) => Event::Pong,
-            Ok(Command::Reset) => match last_user {
-                Some((uid, gid)) => reset_event(uid, gid),
-                None => Event::Ready,
+            Ok(Command::Reset) => {
+                frozen = None;
+                match last_user {
+                    Some((uid, gid)) => reset_event(uid, gid),
+                    None => Event::Ready,
+                }
+            }
+            Ok(Command::Freeze) => match last_user {
+                Some((uid, gid)) => match reset::freeze(uid, gid) {
+                    Ok(kept) => {
+                        frozen = Some(kept);
+                        Event::Ready
+                    }
+                    Err(message) => Event::ResetFailed { message },
+                },
+                None => Event::ResetFailed {
+                    message: "no job ran here: nothing to freeze".to_string(),
+                },
+            },
+            Ok(Command::Restore) => match (last_user, &frozen) {
+                (Some((uid, gid)), Some(kept)) => match reset::restore(uid, gid, kept) {
+                    Ok(()) => Event::Ready,
+                    Err(message) => Event::ResetFailed { message },
+                },
+                _ => Event::ResetFailed {
+                    message: "nothing was frozen here: nothing to restore".to_string(),
+                },
             },
             // Between jobs there is no stage to feed or signal.
             Ok(Command::Stdin { .. } | Command::CloseStdin { .. } | Command::Signal { .. }) => {

@@ -4,7 +4,8 @@
 //! Issue 3, for Python, JavaScript and C++ hellos (and Rust for the compiled-language target):
 //! (a) a `docker run` per job through the Engine API, (b) a `docker exec` into a running
 //! container, (c) the program's own time inside a running container, (d) the agent's warm
-//! recycled path over HTTP, (e) `fresh` with a ready pool, (f) cold with an empty pool; then
+//! recycled path over HTTP, (d~) the same as an NDJSON stream (time to the first output event),
+//! (e) `fresh` with a ready pool, (f) cold with an empty pool; then
 //! throughput at concurrency 2, 8 and 32 for (a), (b) and (d), the same program back to back on
 //! both cores, timeout kill precision, and the agent's and supervisors' memory.
 //!
@@ -837,6 +838,49 @@ impl Http {
         Ok((ms, serde_json::from_slice(&bytes)?))
     }
 
+    /// The same job as an NDJSON stream (`Accept: application/x-ndjson`): client-side
+    /// milliseconds to the first `output` event and to the last line (a `result` that is `ok`
+    /// and carries the `warm` sandbox, else an error).
+    async fn stream(&self, body: &Value) -> anyhow::Result<(f64, f64)> {
+        let t = Instant::now();
+        let mut resp = self
+            .client
+            .post(format!("{}/v1/execute", self.url))
+            .header("accept", "application/x-ndjson")
+            .json(body)
+            .send()
+            .await?;
+        if resp.status() != reqwest::StatusCode::OK {
+            bail!(
+                "{}: {}",
+                resp.status(),
+                resp.text().await.unwrap_or_default()
+            );
+        }
+        let (mut buf, mut first) = (Vec::new(), None);
+        while let Some(chunk) = resp.chunk().await? {
+            buf.extend_from_slice(&chunk);
+            while let Some(end) = buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=end).collect();
+                let event: Value = serde_json::from_slice(&line)?;
+                match event["type"].as_str() {
+                    Some("output") if first.is_none() => first = Some(ms_since(t)),
+                    Some("result") => {
+                        let r = &event["result"];
+                        if r["status"] != "ok" || r["sandbox"] != "warm" {
+                            bail!("not an ok warm result: {r}");
+                        }
+                        let first = first.ok_or_else(|| anyhow!("no output event"))?;
+                        return Ok((first, ms_since(t)));
+                    }
+                    Some("error") => bail!("error event: {event}"),
+                    _ => {}
+                }
+            }
+        }
+        bail!("the stream ended without a result")
+    }
+
     /// A hello job that must print `1`; returns the latency and the answer.
     async fn hello(&self, body: &Value) -> anyhow::Result<(f64, ExecuteResponse)> {
         let (ms, r) = bounded("execute", self.execute(body)).await?;
@@ -1310,6 +1354,9 @@ struct Seq {
     c_sup: Stats,
     d: Stats,
     d_agent: Stats,
+    /// (d) as an NDJSON stream: time to the first output event, and to the result.
+    ds_first: Stats,
+    ds_total: Stats,
     e: Stats,
     f: Stats,
     errors: Errors,
@@ -1928,6 +1975,14 @@ async fn sequential(env: &Env, lang: &Lang, plan: LangPlan) -> Seq {
                 *s.off_path.entry("d").or_default() += 1;
             }
         }
+        settle().await;
+        if let Some((first, total)) = s.errors.record(
+            "ds",
+            bounded("stream", env.main.stream(&lang.hello())).await,
+        ) {
+            s.ds_first.push(first);
+            s.ds_total.push(total);
+        }
     }
     s
 }
@@ -2029,6 +2084,35 @@ fn latency_rows(table: &mut Table, lang: &Lang, s: &Seq) {
                 s.errors.note("d"),
             ])),
     );
+    if s.ds_first.n() > 0 || s.errors.0.contains_key("ds") {
+        let target = s.d.p50() + 2.0;
+        table.push(
+            Row::new(
+                "(d~)",
+                "the (d) job as an NDJSON stream: first output event",
+                name,
+            )
+            .stats(&s.ds_first, "ms")
+            .ratio(format!(
+                "{} vs (d) p50 + 2 = {} ms: {}",
+                num(s.ds_first.p50()),
+                num(target),
+                if s.ds_first.p50() <= target {
+                    "met"
+                } else {
+                    "not met"
+                }
+            ))
+            .note(join_notes(&[
+                format!(
+                    "whole stream to its result p50 {} p99 {}",
+                    num(s.ds_total.p50()),
+                    num(s.ds_total.p99())
+                ),
+                s.errors.note("ds"),
+            ])),
+        );
+    }
     if s.e.n() > 0 || s.errors.0.contains_key("e") {
         table.push(
             Row::new("(e)", "isolation fresh, ready pool (HTTP)", name)

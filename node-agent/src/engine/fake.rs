@@ -242,6 +242,7 @@ impl FakeEngine {
             inner: self.inner.clone(),
             container: id.to_string(),
             files: HashMap::new(),
+            frozen: None,
             tainted: false,
         };
         let task = tokio::spawn(supervisor.run(channel, delay));
@@ -469,6 +470,8 @@ struct Supervisor {
     container: String,
     /// The work dir: job files and what scripts wrote, until a reset.
     files: HashMap<String, String>,
+    /// A judge's frozen program: what `restore` brings the work dir back to.
+    frozen: Option<HashMap<String, String>>,
     tainted: bool,
 }
 
@@ -547,6 +550,19 @@ impl Supervisor {
             let answer = match command {
                 Command::Ping => Event::Pong,
                 Command::Reset => self.reset(),
+                Command::Freeze => {
+                    self.frozen = Some(self.files.clone());
+                    Event::Ready
+                }
+                Command::Restore => match (&self.frozen, self.tainted) {
+                    (Some(frozen), false) => {
+                        self.files = frozen.clone();
+                        Event::Ready
+                    }
+                    _ => Event::ResetFailed {
+                        message: "the fake sandbox has nothing frozen, or is tainted".to_string(),
+                    },
+                },
                 Command::Job(job) => match self.job(job, &mut link).await {
                     Some(answer) => answer,
                     None => break, // the container died
@@ -571,6 +587,7 @@ impl Supervisor {
             };
         }
         self.files.clear();
+        self.frozen = None;
         Event::Ready
     }
 

@@ -1,0 +1,86 @@
+//! `POST /v1/judge` at the gateway: checked at the edge as an execute is (the program's files,
+//! arguments, limits and language; the tests, each test's limits and the checker as the agent
+//! checks them), routed by the program's language through the same quotas, queue and retries
+//! (only a node that cannot have started it is passed over), with a timeout that covers one
+//! compile and every test's run (and the checker's). The agent's answer passes through with the
+//! node, the attempts and the gateway's wait added.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use codefleet_shared::judge::{
+    check_judge, judge_budget, test_limits, Checker, JudgeRequest, JudgeResponse,
+};
+
+use crate::dispatch::{place, Delivery, Job};
+use crate::edge::JsonBody;
+use crate::error::GatewayError;
+use crate::handlers::{check_job, labelled, resolve_language};
+use crate::Gateway;
+
+pub async fn judge(State(gw): State<Arc<Gateway>>, body: JsonBody<JudgeRequest>) -> Response {
+    let mut language = None;
+    let result = run_judge(&gw, body, &mut language).await;
+    labelled(language, result)
+}
+
+async fn run_judge(
+    gw: &Gateway,
+    JsonBody {
+        value: request,
+        raw,
+    }: JsonBody<JudgeRequest>,
+    label: &mut Option<String>,
+) -> Result<Response, GatewayError> {
+    check_judge(&request).map_err(GatewayError::Invalid)?;
+    let program = &request.program;
+    let limits = check_job(gw, program)?;
+    let max = gw.config().max_limits();
+    let tests = request
+        .tests
+        .iter()
+        .flatten()
+        .enumerate()
+        .map(|(i, t)| test_limits(i, &limits, t.limits.as_ref(), &max))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(GatewayError::Invalid)?;
+    let snapshot = gw.snapshot();
+    let checker = match &request.checker {
+        Some(Checker::Program { program }) => {
+            let checker_limits = check_job(gw, program)?;
+            let version = program.version.as_deref().filter(|v| !v.is_empty());
+            resolve_language(&snapshot, program.language.as_deref(), version)?;
+            Some(checker_limits)
+        }
+        _ => None,
+    };
+    let version = program.version.as_deref().filter(|v| !v.is_empty());
+    let info = resolve_language(&snapshot, program.language.as_deref(), version)?;
+    *label = Some(info.name.clone());
+    let budget = judge_budget(&limits, &tests, checker.as_ref());
+    let job = Job {
+        language: &info.name,
+        version,
+        path: "/v1/judge",
+        body: raw,
+        timeout: budget + gw.config().dispatch_margin(),
+        // Judges stream from an agent only: through a gateway the answer is the buffered one.
+        delivery: Delivery::Buffered,
+    };
+    let placed = place(gw, job).await?;
+    let body = placed.reply.expect(StatusCode::OK, &placed.node)?;
+    let mut answer: JudgeResponse =
+        serde_json::from_slice(&body).map_err(|e| GatewayError::BadAnswer {
+            node: placed.node.to_string(),
+            detail: format!("not a judge response: {e}"),
+        })?;
+    let waited = placed.waited.as_millis() as u64;
+    answer.node = placed.node.to_string();
+    answer.attempts = Some(placed.attempts);
+    answer.timing.queued_ms += waited;
+    answer.timing.total_ms += waited;
+    Ok(Json(answer).into_response())
+}
