@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test against the local Docker engine, preparing what they need first: the base
 # images (bookworm and trixie, bootstrapped offline when they cannot be pulled), the static
-# supervisor, the binaries, the fifteen language images and the newer toolchains' of
-# deploy/images/trixie.toml (all reused when present). This is the README's test command.
+# supervisor, the binaries and every runtime's image of the built-in catalog (the fifteen
+# languages and the newer toolchains of seven of them; all reused when present). This is the
+# README's test command.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,7 +14,5 @@ cargo build --workspace --bins
 echo "language images:"
 # One retry: a build that fetches Debian packages can meet a passing network error.
 target/debug/codefleet-agent --prepare-only || target/debug/codefleet-agent --prepare-only
-trixie=(--languages deploy/images/trixie.toml --images-dir deploy/images)
-target/debug/codefleet-agent --prepare-only "${trixie[@]}" || target/debug/codefleet-agent --prepare-only "${trixie[@]}"
 deploy/compose/build-images.sh  # the images of the binaries, for tests/tests/compose.rs
 cargo test --workspace "$@"

@@ -201,7 +201,7 @@ async fn start(
         let info = resolve_language(&snapshot, request.language.as_deref(), version)?;
         Ok((limits, info))
     });
-    let (limits, info) = match checked {
+    let (limits, (info, runtime)) = match checked {
         Ok(checked) => checked,
         Err(error) => return refused(Ending::refused(&error)),
     };
@@ -209,6 +209,7 @@ async fn start(
     let job = Job {
         language: &info.name,
         version,
+        runtime: Some(runtime),
         path: AGENT_PATH,
         body: Bytes::from(text.as_str().to_string()),
         timeout,

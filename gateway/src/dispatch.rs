@@ -662,6 +662,8 @@ pub fn job_timeout(limits: &ResolvedLimits, margin: Duration) -> Duration {
 pub struct Job<'a> {
     pub language: &'a str,
     pub version: Option<&'a str>,
+    /// The runtime id the request resolved to (see [`Want::runtime`]).
+    pub runtime: Option<&'a str>,
     /// Agent path, e.g. `/v1/execute`.
     pub path: &'static str,
     /// The request's body (on `/v1/connect`, the first message).
@@ -702,7 +704,12 @@ pub async fn place(gw: &Gateway, job: Job<'_>) -> Result<Placed, GatewayError> {
     let mut last_failure: Option<(NodeId, AttemptError)> = None;
     // Jobs that want the same runtimes share a line (one that asks for a version the full nodes
     // have must not hold up one that any node with room could take).
-    let line_key = format!("{}\0{}", job.language, job.version.unwrap_or(""));
+    let line_key = format!(
+        "{}\0{}\0{}",
+        job.language,
+        job.version.unwrap_or(""),
+        job.runtime.unwrap_or("")
+    );
     // While this job waits for a node with room: its count in the wait and its place in line.
     let mut spot: Option<(Waiting<'_>, Place<'_>)> = None;
     gw.dispatcher.budget.deposit();
@@ -724,6 +731,7 @@ pub async fn place(gw: &Gateway, job: Job<'_>) -> Result<Placed, GatewayError> {
             let want = Want {
                 language: job.language,
                 version: job.version,
+                runtime: job.runtime,
                 exclude: &tried,
             };
             let decision = snapshot

@@ -87,12 +87,12 @@ fn check_limits(gw: &Gateway, limits: Option<&Limits>) -> Result<ResolvedLimits,
     resolve_limits(limits, &ResolvedLimits::DEFAULT, &max).map_err(GatewayError::Invalid)
 }
 
-/// The canonical language a request names, and its version prefix.
+/// The runtime a request's language and version prefix name, and its id.
 pub(crate) fn resolve_language<'s>(
     snapshot: &'s Snapshot,
     language: Option<&str>,
     version: Option<&str>,
-) -> Result<&'s LanguageInfo, GatewayError> {
+) -> Result<(&'s LanguageInfo, &'s str), GatewayError> {
     let language = language
         .filter(|l| !l.is_empty())
         .ok_or_else(|| GatewayError::invalid("`language` is required"))?;
@@ -103,7 +103,7 @@ pub(crate) fn resolve_language<'s>(
             language: language.to_string(),
         });
     }
-    snapshot.catalog.resolve(language, version)
+    snapshot.catalog.resolve_runtime(language, version)
 }
 
 /// Tags the answer with the canonical language for the request metrics.
@@ -201,11 +201,12 @@ async fn run_execute(
     let snapshot = gw.snapshot();
     let version = request.version.as_deref().filter(|v| !v.is_empty());
     let limits = check_job(gw, &request)?;
-    let info = resolve_language(&snapshot, request.language.as_deref(), version)?;
+    let (info, runtime) = resolve_language(&snapshot, request.language.as_deref(), version)?;
     *label = Some(info.name.clone());
     let job = Job {
         language: &info.name,
         version,
+        runtime: Some(runtime),
         path: "/v1/execute",
         body: raw,
         timeout: job_timeout(&limits, gw.config().dispatch_margin()),
@@ -244,11 +245,12 @@ async fn run_create_session(
     let snapshot = gw.snapshot();
     let version = request.version.as_deref().filter(|v| !v.is_empty());
     let limits = check_limits(gw, request.limits.as_ref())?;
-    let info = resolve_language(&snapshot, request.language.as_deref(), version)?;
+    let (info, runtime) = resolve_language(&snapshot, request.language.as_deref(), version)?;
     *label = Some(info.name.clone());
     let job = Job {
         language: &info.name,
         version,
+        runtime: Some(runtime),
         path: "/v1/sessions",
         body: raw,
         timeout: job_timeout(&limits, gw.config().dispatch_margin()),

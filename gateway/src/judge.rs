@@ -58,12 +58,13 @@ async fn run_judge(
         _ => None,
     };
     let version = program.version.as_deref().filter(|v| !v.is_empty());
-    let info = resolve_language(&snapshot, program.language.as_deref(), version)?;
+    let (info, runtime) = resolve_language(&snapshot, program.language.as_deref(), version)?;
     *label = Some(info.name.clone());
     let budget = judge_budget(&limits, &tests, checker.as_ref());
     let job = Job {
         language: &info.name,
         version,
+        runtime: Some(runtime),
         path: "/v1/judge",
         body: raw,
         timeout: budget + gw.config().dispatch_margin(),

@@ -11,7 +11,7 @@ use codefleet_shared::cluster::{
     CapacityReport, LanguageCapacity, NodeInfo, NodeLanguage, NodeState,
 };
 use codefleet_shared::ids::{self, NODE_ID_RULE};
-use codefleet_shared::version::{compare_versions, version_matches};
+use codefleet_shared::version::{compare_versions, newest, version_matches};
 use codefleet_shared::{ImageState, LanguageInfo};
 use tokio::sync::{watch, Notify};
 
@@ -145,10 +145,20 @@ impl Member {
     }
 
     /// Everything the snapshot depends on, to tell whether a report changed it.
-    fn view(&self) -> (NodeState, u32, *const NodeHandle, Vec<LanguageCapacity>) {
-        let languages = self.report.languages.values().map(|l| LanguageCapacity {
-            warm: 0,
-            ..l.clone()
+    fn view(
+        &self,
+    ) -> (
+        NodeState,
+        u32,
+        *const NodeHandle,
+        Vec<(String, LanguageCapacity)>,
+    ) {
+        let languages = self.report.all_runtimes().into_iter().map(|(_, id, l)| {
+            let l = LanguageCapacity {
+                warm: 0,
+                ..l.clone()
+            };
+            (id.to_string(), l)
         });
         let handle = Arc::as_ptr(&self.handle);
         (
@@ -351,13 +361,7 @@ impl Membership {
             .map(|m| NodeEntry {
                 id: m.handle.id.clone(),
                 slots_total: m.report.slots_total,
-                languages: m
-                    .report
-                    .languages
-                    .iter()
-                    .filter(|(_, l)| l.image == ImageState::Ready)
-                    .map(|(name, l)| (name.clone(), l.version.clone()))
-                    .collect(),
+                languages: ready_runtimes(&m.report),
                 load: Arc::clone(&m.handle),
             })
             .collect();
@@ -375,50 +379,85 @@ impl Membership {
         }
     }
 
-    /// Languages merged over every known node; `nodes_ready` counts ready nodes with the image
-    /// ready. The version shown is the newest a ready node runs.
+    /// Runtimes merged over every known node, by language name and runtime id; `nodes_ready`
+    /// counts ready nodes with the runtime's image ready. The version shown is the newest a
+    /// ready node runs. A language whose runtimes no node has read a version of yet shows once.
     fn catalog(&self) -> Catalog {
-        let mut merged: BTreeMap<String, (LanguageInfo, Vec<String>)> = BTreeMap::new();
+        let mut merged: BTreeMap<(String, String), Runtime> = BTreeMap::new();
         for member in self.members.values() {
             let ready = member.state() == NodeState::Ready;
-            for (name, l) in &member.report.languages {
-                let (info, versions) = merged.entry(name.clone()).or_insert_with(|| {
-                    let info = LanguageInfo {
-                        name: name.clone(),
-                        aliases: l.aliases.clone(),
-                        version: String::new(),
-                        compiled: l.compiled,
-                        file_name: l.file_name.clone(),
-                        nodes_ready: 0,
-                        image: None,
-                        error: None,
-                    };
-                    (info, Vec::new())
-                });
-                if !l.version.is_empty() && !versions.contains(&l.version) {
-                    versions.push(l.version.clone());
+            for (name, id, l) in member.report.all_runtimes() {
+                let runtime = merged
+                    .entry((name.to_string(), id.to_string()))
+                    .or_insert_with(|| Runtime {
+                        id: id.to_string(),
+                        info: LanguageInfo {
+                            name: name.to_string(),
+                            aliases: l.aliases.clone(),
+                            version: String::new(),
+                            compiled: l.compiled,
+                            file_name: l.file_name.clone(),
+                            nodes_ready: 0,
+                            image: None,
+                            error: None,
+                        },
+                        versions: Vec::new(),
+                    });
+                if !l.version.is_empty() && !runtime.versions.contains(&l.version) {
+                    runtime.versions.push(l.version.clone());
                 }
                 if ready && l.image == ImageState::Ready {
-                    info.nodes_ready += 1;
-                    if compare_versions(&l.version, &info.version).is_gt() {
-                        info.version = l.version.clone();
+                    runtime.info.nodes_ready += 1;
+                    if compare_versions(&l.version, &runtime.info.version).is_gt() {
+                        runtime.info.version = l.version.clone();
                     }
                 }
             }
         }
+        let mut runtimes: Vec<Runtime> = merged.into_values().collect();
+        let named: std::collections::HashSet<String> = runtimes
+            .iter()
+            .filter(|r| !r.versions.is_empty())
+            .map(|r| r.info.name.clone())
+            .collect();
+        let mut seen = std::collections::HashSet::new();
+        runtimes.retain(|r| {
+            !r.versions.is_empty()
+                || (!named.contains(&r.info.name) && seen.insert(r.info.name.clone()))
+        });
+        runtimes.sort_by(|a, b| {
+            a.info
+                .name
+                .cmp(&b.info.name)
+                .then_with(|| compare_versions(&b.info.version, &a.info.version))
+                .then_with(|| compare_versions(newest_seen(b), newest_seen(a)))
+        });
         let mut aliases = HashMap::new();
-        for (name, (info, _)) in &merged {
-            for alias in info.aliases.iter().chain([name]) {
+        for r in &runtimes {
+            for alias in r.info.aliases.iter().chain([&r.info.name]) {
                 aliases
                     .entry(alias.to_ascii_lowercase())
-                    .or_insert(name.clone());
+                    .or_insert(r.info.name.clone());
             }
         }
-        Catalog {
-            languages: merged.into_values().collect(),
-            aliases,
+        Catalog { runtimes, aliases }
+    }
+}
+
+/// The ready runtimes in `report`, by language.
+fn ready_runtimes(report: &CapacityReport) -> BTreeMap<String, Vec<(String, String)>> {
+    let mut out: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+    for (name, id, l) in report.all_runtimes() {
+        if l.image == ImageState::Ready {
+            let runtime = (id.to_string(), l.version.clone());
+            out.entry(name.to_string()).or_default().push(runtime);
         }
     }
+    out
+}
+
+fn newest_seen(r: &Runtime) -> &str {
+    newest(r.versions.iter().map(String::as_str)).unwrap_or("")
 }
 
 /// What requests read, published as one immutable value and swapped whole.
@@ -441,49 +480,113 @@ impl Snapshot {
     }
 }
 
-/// The merged languages (each with the versions seen on any node) and their names and aliases.
+/// One runtime merged over the nodes that report it.
+#[derive(Debug)]
+struct Runtime {
+    /// The runtime id nodes report (`""` from agents that report no runtimes).
+    id: String,
+    info: LanguageInfo,
+    /// Every version any node reported for it.
+    versions: Vec<String>,
+}
+
+impl Runtime {
+    /// Whether a ready node runs a version `version` names, and the newest version any node
+    /// reported that it names; `None` when none does.
+    fn best(&self, version: Option<&str>) -> Option<(bool, &str)> {
+        let ready = self.info.nodes_ready > 0 && version_matches(version, &self.info.version);
+        let matching = self
+            .versions
+            .iter()
+            .map(String::as_str)
+            .filter(|v| version_matches(version, v));
+        newest(matching).map(|v| (ready, v))
+    }
+}
+
+/// The merged runtimes (each with the versions seen on any node) and the languages' names and
+/// aliases.
 #[derive(Debug, Default)]
 pub struct Catalog {
-    /// Sorted by name; `.1` are the versions any node reported.
-    languages: Vec<(LanguageInfo, Vec<String>)>,
+    /// Sorted by name, the newest version first.
+    runtimes: Vec<Runtime>,
     /// Lowercase name or alias → name.
     aliases: HashMap<String, String>,
 }
 
 impl Catalog {
+    /// Every runtime, by name, the newest first: a language's first is its default.
     pub fn languages(&self) -> impl Iterator<Item = &LanguageInfo> {
-        self.languages.iter().map(|(info, _)| info)
+        self.runtimes.iter().map(|r| &r.info)
     }
 
-    /// The language a request names, checked against the versions nodes reported.
+    /// The language names, sorted, each once.
+    fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.languages().map(|l| l.name.clone()).collect();
+        names.dedup();
+        names
+    }
+
+    /// The runtime a request names (see [`Catalog::resolve_runtime`]).
     pub fn resolve(
         &self,
         language: &str,
         version: Option<&str>,
     ) -> Result<&LanguageInfo, GatewayError> {
+        self.resolve_runtime(language, version)
+            .map(|(info, _)| info)
+    }
+
+    /// The runtime a request names, and its id: among the runtimes of the language that the
+    /// name or alias names, the one with the newest version `version` names, preferring runtimes
+    /// ready on some node; `unknown_language` when no runtime has such a version.
+    pub fn resolve_runtime(
+        &self,
+        language: &str,
+        version: Option<&str>,
+    ) -> Result<(&LanguageInfo, &str), GatewayError> {
         let unknown = |what: String| GatewayError::UnknownLanguage {
             what,
-            available: self.languages().map(|l| l.name.clone()).collect(),
+            available: self.names(),
         };
+        let asked = language.to_ascii_lowercase();
         let name = self
             .aliases
-            .get(&language.to_ascii_lowercase())
+            .get(&asked)
             .ok_or_else(|| unknown(format!("no language {language:?}")))?;
-        let (info, versions) = self
-            .languages
+        let candidates: Vec<&Runtime> = self
+            .runtimes
             .iter()
-            .find(|(info, _)| &info.name == name)
-            .expect("every alias names a language");
-        match version {
-            Some(v) if !versions.iter().any(|have| version_matches(Some(v), have)) => Err(unknown(
-                format!("no version {v:?} of {name}; known: {}", versions.join(", ")),
-            )),
-            _ => Ok(info),
+            .filter(|r| &r.info.name == name)
+            .filter(|r| r.info.name == asked || r.info.aliases.contains(&asked))
+            .collect();
+        let chosen = candidates
+            .iter()
+            .filter_map(|r| r.best(version).map(|b| (b, *r)))
+            .max_by(|((ra, va), _), ((rb, vb), _)| ra.cmp(rb).then(compare_versions(va, vb)))
+            .map(|(_, r)| r);
+        match (chosen, version) {
+            (Some(r), _) => Ok((&r.info, &r.id)),
+            (None, None) => {
+                let r = candidates.first().expect("every alias names a runtime");
+                Ok((&r.info, &r.id))
+            }
+            (None, Some(v)) => {
+                let mut known: Vec<&str> = candidates
+                    .iter()
+                    .flat_map(|r| r.versions.iter().map(String::as_str))
+                    .collect();
+                known.sort_by(|a, b| compare_versions(b, a));
+                Err(unknown(format!(
+                    "no version {v:?} of {name}; known: {}",
+                    known.join(", ")
+                )))
+            }
         }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.languages.is_empty()
+        self.runtimes.is_empty()
     }
 }
 
@@ -521,6 +624,7 @@ mod tests {
             ready: true,
             languages: [("python".to_string(), python("3.11.2"))].into(),
             sessions: 0,
+            runtimes: vec![],
         }
     }
 
@@ -665,6 +769,76 @@ mod tests {
             );
         }
         assert_eq!(snapshot.ready_nodes, 2);
+        assert_eq!(snapshot.table.nodes().len(), 2);
+    }
+
+    fn with_runtimes(id: &str, runtimes: &[(&str, &str, &str)]) -> CapacityReport {
+        use codefleet_shared::cluster::RuntimeCapacity;
+        let mut r = report(id, 0);
+        r.runtimes = runtimes
+            .iter()
+            .map(|(name, runtime, version)| RuntimeCapacity {
+                name: name.to_string(),
+                runtime: runtime.to_string(),
+                capacity: python(version),
+            })
+            .collect();
+        r
+    }
+
+    #[test]
+    fn runtimes_merge_by_id_and_requests_resolve_to_the_newest_they_name() {
+        let (mut m, t0) = (membership(), Instant::now());
+        let both = [
+            ("python", "python/python-3.13", "3.13.5"),
+            ("python", "python/python", "3.11.2"),
+        ];
+        m.report(with_runtimes("a", &both), t0).unwrap();
+        m.report(with_runtimes("b", &both[1..]), t0).unwrap();
+        let snapshot = m.snapshot(&Snapshot::empty(160));
+        let catalog = &snapshot.catalog;
+        let listed: Vec<(&str, u32)> = catalog
+            .languages()
+            .map(|l| (l.version.as_str(), l.nodes_ready))
+            .collect();
+        assert_eq!(listed, [("3.13.5", 1), ("3.11.2", 2)]);
+        let table: &[(Option<&str>, Option<&str>)] = &[
+            (None, Some("python/python-3.13")),
+            (Some("3"), Some("python/python-3.13")),
+            (Some("3.13"), Some("python/python-3.13")),
+            (Some("3.11"), Some("python/python")),
+            (Some("3.1"), None),
+        ];
+        for (version, want) in table {
+            let got = catalog
+                .resolve_runtime("py", *version)
+                .ok()
+                .map(|(_, id)| id);
+            assert_eq!(got, *want, "{version:?}");
+        }
+        let err = catalog.resolve("python", Some("3.1")).unwrap_err();
+        assert!(
+            err.problem().detail.contains("known: 3.13.5, 3.11.2"),
+            "{err}"
+        );
+        // Only node a runs 3.13; both run 3.11, and node b runs it for any `3` it is asked.
+        let nodes = |version: Option<&str>, runtime: &str| -> Vec<String> {
+            let mut ids: Vec<String> = snapshot
+                .table
+                .nodes()
+                .iter()
+                .filter(|n| {
+                    n.runtime_for("python", version)
+                        .is_some_and(|(id, _)| id == runtime)
+                })
+                .map(|n| n.id.to_string())
+                .collect();
+            ids.sort();
+            ids
+        };
+        assert_eq!(nodes(None, "python/python-3.13"), ["a"]);
+        assert_eq!(nodes(Some("3.11"), "python/python"), ["a", "b"]);
+        assert_eq!(nodes(None, "python/python"), ["b"]);
         assert_eq!(snapshot.table.nodes().len(), 2);
     }
 }

@@ -1,7 +1,8 @@
 //! Routing: which node runs a job. Bounded-load consistent hashing over an immutable snapshot of
 //! the nodes that take new work; a pure function of (request, snapshot, loads): no I/O, no clock.
 //!
-//! The ring is keyed by language, so each language's images and warm sandboxes stay on few nodes.
+//! The ring is keyed by language (not by runtime), so each language's images and warm sandboxes,
+//! those of all its runtimes, stay on few nodes.
 //! A job goes to the first node in the key's preference order (`Ring::replicas`) that has the
 //! language ready, a free slot, and a load under the bound `ceil(c * (total + 1) / n)` over the
 //! `n` candidates (Mirrokni, Thorup and Zadimoghaddam, "Consistent Hashing with Bounded Loads").
@@ -13,7 +14,7 @@ use std::fmt;
 use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::sync::Arc;
 
-use codefleet_shared::version::version_matches;
+use codefleet_shared::version::{compare_versions, version_matches};
 use consistent_hash_ring::{Ring, RingBuilder};
 
 /// A node's id as a ring key (checked by `codefleet_shared::ids::NodeId` where it comes in).
@@ -100,9 +101,22 @@ type HashRing = Ring<NodeId, BuildHasherDefault<RingHasher>>;
 pub struct NodeEntry<L> {
     pub id: NodeId,
     pub slots_total: u32,
-    /// Languages whose image is ready on the node, with the version it runs.
-    pub languages: BTreeMap<String, String>,
+    /// Languages with a runtime ready on the node, with each such runtime (its id, `""` from an
+    /// agent that reports no runtimes, and the version it runs).
+    pub languages: BTreeMap<String, Vec<(String, String)>>,
     pub load: L,
+}
+
+impl<L> NodeEntry<L> {
+    /// The runtime of `language` this node runs for a request asking `version`, as the agent
+    /// picks it: the newest of its ready runtimes whose version `version` names.
+    pub fn runtime_for(&self, language: &str, version: Option<&str>) -> Option<&(String, String)> {
+        self.languages
+            .get(language)?
+            .iter()
+            .filter(|(_, have)| version_matches(version, have))
+            .max_by(|a, b| compare_versions(&a.1, &b.1))
+    }
 }
 
 /// What a job asks of its node.
@@ -112,6 +126,9 @@ pub struct Want<'a> {
     pub language: &'a str,
     /// A version prefix (`"3"`, `"3.11"`), matched on dot boundaries.
     pub version: Option<&'a str>,
+    /// The runtime id the gateway resolved the request to: only a node that would run that
+    /// runtime for `version` is a candidate. `None`: any runtime `version` names.
+    pub runtime: Option<&'a str>,
     /// Nodes already tried for this job.
     pub exclude: &'a [NodeId],
 }
@@ -221,12 +238,9 @@ impl<L> RoutingTable<L> {
         };
         let eligible = |entry: &NodeEntry<L>| {
             !want.exclude.contains(&entry.id)
-                && want.version.is_none_or(|v| {
-                    entry
-                        .languages
-                        .get(want.language)
-                        .is_some_and(|have| version_matches(Some(v), have))
-                })
+                && entry
+                    .runtime_for(want.language, want.version)
+                    .is_some_and(|(id, _)| want.runtime.is_none_or(|r| r == id))
         };
         let (mut count, mut total) = (0u64, 0u64);
         for entry in pool.iter().map(|&i| &self.nodes[i]) {
@@ -291,7 +305,7 @@ mod tests {
             slots_total: slots,
             languages: languages
                 .iter()
-                .map(|l| (l.clone(), "1.0".to_string()))
+                .map(|l| (l.clone(), vec![(String::new(), "1.0".to_string())]))
                 .collect(),
             load: i,
         }
@@ -319,6 +333,7 @@ mod tests {
         Want {
             language,
             version: None,
+            runtime: None,
             exclude: &[],
         }
     }
@@ -378,10 +393,10 @@ mod tests {
         entries[0].languages.clear();
         entries[1]
             .languages
-            .insert("python".into(), "3.11.2".into());
+            .insert("python".into(), vec![(String::new(), "3.11.2".into())]);
         entries[2]
             .languages
-            .insert("python".into(), "3.12.0".into());
+            .insert("python".into(), vec![(String::new(), "3.12.0".into())]);
         let table = RoutingTable::new(VNODES, entries);
         let loads = [0, 0, 2];
         let cases: &[(Want<'_>, Option<usize>)] = &[
@@ -424,6 +439,42 @@ mod tests {
             table.choose(&want("cobol"), 1.25, |&i| loads[i]),
             Decision::Unavailable
         ));
+    }
+
+    #[test]
+    fn a_resolved_runtime_goes_only_to_nodes_that_would_run_it() {
+        let mut entries: Vec<NodeEntry<usize>> = (0..2).map(|i| node(i, 2)).collect();
+        let old = ("py/old".to_string(), "3.11.2".to_string());
+        let new = ("py/new".to_string(), "3.13.5".to_string());
+        entries[0]
+            .languages
+            .insert("python".into(), vec![old.clone(), new]);
+        entries[1].languages.insert("python".into(), vec![old]);
+        let table = RoutingTable::new(VNODES, entries);
+        let cases: &[(Option<&str>, &str, Option<usize>)] = &[
+            (None, "py/new", Some(0)),
+            (Some("3.13"), "py/new", Some(0)),
+            // Node 0 would run 3.13 for a request without a version, so only node 1 runs 3.11.
+            (None, "py/old", Some(1)),
+            (Some("3.1"), "py/old", None),
+        ];
+        for (version, runtime, expected) in cases {
+            let want = Want {
+                version: *version,
+                runtime: Some(runtime),
+                ..want("python")
+            };
+            assert_eq!(pick(&table, &want, &[0, 0]), *expected, "{want:?}");
+        }
+        // Asked for 3.11, both nodes run it: the one the ring prefers wins.
+        let want = Want {
+            version: Some("3.11"),
+            runtime: Some("py/old"),
+            ..want("python")
+        };
+        assert!(pick(&table, &want, &[0, 0]).is_some());
+        let busy_first = [2, 0];
+        assert_eq!(pick(&table, &want, &busy_first), Some(1));
     }
 
     #[test]

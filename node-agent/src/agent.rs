@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, Semaphore};
 
-use codefleet_shared::cluster::{CapacityReport, LanguageCapacity};
+use codefleet_shared::cluster::{CapacityReport, LanguageCapacity, RuntimeCapacity};
 use codefleet_shared::ids::{NodeId, SessionId};
 use codefleet_shared::sandbox::{Job, Stage};
 use codefleet_shared::stream::JobEvent;
@@ -267,7 +267,7 @@ impl Agent {
         if !self.sessions.has_room() {
             return Err(full());
         }
-        let key = self.sandboxes.key(&language.name, limits.memory_bytes);
+        let key = self.sandboxes.key(&language, limits.memory_bytes);
         let sandbox = self.sandboxes.start(&key, "session").await.map_err(|e| {
             tracing::error!(error = %e, "starting a session sandbox failed");
             AgentError::unavailable(Problem::new(
@@ -303,24 +303,34 @@ impl Agent {
         Ok(info)
     }
 
+    /// The capacity report: every runtime in `runtimes` (newest first within a language), and
+    /// in `languages` each language's first, the one a request without `version` gets.
     pub fn capacity(&self) -> CapacityReport {
         let warm = self.sandboxes.warm_counts();
-        let languages: BTreeMap<String, LanguageCapacity> = self
-            .languages()
+        let runtimes: Vec<RuntimeCapacity> = self
+            .registry
+            .runtimes()
             .into_iter()
-            .map(|l| {
-                let cap = LanguageCapacity {
+            .map(|(id, l)| RuntimeCapacity {
+                capacity: LanguageCapacity {
                     image: l.image.unwrap_or(ImageState::Preparing),
-                    warm: warm.get(&l.name).copied().unwrap_or(0),
+                    warm: warm.get(&id).copied().unwrap_or(0),
                     version: l.version,
                     aliases: l.aliases,
                     compiled: l.compiled,
                     file_name: l.file_name,
                     error: l.error,
-                };
-                (l.name, cap)
+                },
+                name: l.name,
+                runtime: id,
             })
             .collect();
+        let mut languages: BTreeMap<String, LanguageCapacity> = BTreeMap::new();
+        for r in &runtimes {
+            languages
+                .entry(r.name.clone())
+                .or_insert_with(|| r.capacity.clone());
+        }
         CapacityReport {
             node_id: self.config.node_id.clone(),
             address: self
@@ -335,6 +345,7 @@ impl Agent {
             ready: self.lifecycle.up(),
             languages,
             sessions: self.sessions.len() as u32,
+            runtimes,
         }
     }
 
@@ -387,7 +398,7 @@ impl Agent {
         }
         // Read the version from the image itself, through a real sandbox.
         self.registry.set(
-            &lang.name,
+            &lang.runtime(),
             ImageStatus::Ready {
                 tag: tag.clone(),
                 version: String::new(),
@@ -403,7 +414,7 @@ impl Agent {
     }
 
     async fn probe_version(&self, lang: &Language) -> Result<String, String> {
-        let key = self.sandboxes.default_key(&lang.name);
+        let key = self.sandboxes.default_key(lang);
         let mut sandbox = self
             .sandboxes
             .start(&key, "probe")
@@ -455,16 +466,16 @@ impl Agent {
                 let _permit = builds.acquire().await;
                 let status = match agent.prepare_image(&lang).await {
                     Ok((tag, version)) => {
-                        tracing::info!(language = %lang.name, %version, %tag, "language ready");
+                        tracing::info!(language = %lang.name, runtime = %lang.runtime(), %version, %tag, "language ready");
                         ImageStatus::Ready { tag, version }
                     }
                     Err(why) => {
                         metrics::counter!("codefleet_image_prepare_failures_total", "language" => lang.name.clone()).increment(1);
-                        tracing::error!(language = %lang.name, error = %why, "language unavailable");
+                        tracing::error!(language = %lang.name, runtime = %lang.runtime(), error = %why, "language unavailable");
                         ImageStatus::Failed(why)
                     }
                 };
-                agent.registry.set(&lang.name, status);
+                agent.registry.set(&lang.runtime(), status);
                 agent.sandboxes.refill_soon();
             }));
         }

@@ -1,5 +1,6 @@
-//! The language catalog: names, aliases, image recipes and command lines, parsed from TOML
-//! (deploy/languages.toml is built in) and resolved from a request's `language`.
+//! The language catalog: its runtimes (one language at one version in one image: names,
+//! aliases, image recipes and command lines), parsed from TOML (deploy/languages.toml is built
+//! in). A language has one runtime per `[[language]]` entry of its name.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -26,6 +27,12 @@ pub fn builtin_recipe(image: &str) -> Option<&'static str> {
         "perl" => include_str!("../../deploy/images/perl/Dockerfile"),
         "sqlite" => include_str!("../../deploy/images/sqlite/Dockerfile"),
         "csharp" => include_str!("../../deploy/images/csharp/Dockerfile"),
+        "python-3.13" => include_str!("../../deploy/images/python-3.13/Dockerfile"),
+        "node-20" => include_str!("../../deploy/images/node-20/Dockerfile"),
+        "go-1.24" => include_str!("../../deploy/images/go-1.24/Dockerfile"),
+        "java-21" => include_str!("../../deploy/images/java-21/Dockerfile"),
+        "gcc-14" => include_str!("../../deploy/images/gcc-14/Dockerfile"),
+        "rust-1.85" => include_str!("../../deploy/images/rust-1.85/Dockerfile"),
         _ => return None,
     })
 }
@@ -65,6 +72,8 @@ pub struct Catalog {
 impl Catalog {
     pub fn parse(text: &str) -> Result<Catalog, String> {
         let file: CatalogFile = toml::from_str(text).map_err(|e| e.to_string())?;
+        let mut owners: BTreeMap<&str, &str> = BTreeMap::new();
+        let mut runtimes = std::collections::BTreeSet::new();
         for lang in &file.language {
             if lang.run.is_empty() || lang.version.is_empty() {
                 return Err(format!(
@@ -77,6 +86,21 @@ impl Catalog {
                     "language {}: `compile` must not be empty",
                     lang.name
                 ));
+            }
+            if !runtimes.insert(lang.runtime()) {
+                return Err(format!(
+                    "language {}: image {:?} is listed twice",
+                    lang.name, lang.image
+                ));
+            }
+            for alias in std::iter::once(&lang.name).chain(&lang.aliases) {
+                let owner = owners.entry(alias).or_insert(&lang.name);
+                if *owner != lang.name {
+                    return Err(format!(
+                        "{alias:?} names both language {owner} and language {}",
+                        lang.name
+                    ));
+                }
             }
         }
         Ok(Catalog {
@@ -95,7 +119,8 @@ impl Catalog {
         }
     }
 
-    /// Keeps only the named languages (all when `names` is empty).
+    /// Keeps only the runtimes the names (or aliases) name, all of a language's runtimes for its
+    /// name (all runtimes when `names` is empty).
     pub fn restrict(mut self, names: &[String]) -> Result<Catalog, String> {
         if names.is_empty() {
             return Ok(self);
@@ -105,27 +130,48 @@ impl Catalog {
                 return Err(format!("--enable names unknown language {n:?}"));
             }
         }
-        self.languages
-            .retain(|l| names.iter().any(|n| l.name == *n || l.aliases.contains(n)));
+        self.languages.retain(|l| names.iter().any(|n| l.named(n)));
         Ok(self)
     }
 
-    /// The language a request names, by name or alias, case-insensitively.
+    /// The first runtime a request's language names, by name or alias, case-insensitively.
     pub fn find(&self, name: &str) -> Option<&Language> {
-        let name = name.trim().to_ascii_lowercase();
-        self.languages
-            .iter()
-            .find(|l| l.name == name || l.aliases.contains(&name))
+        self.named(name).into_iter().next()
     }
 
+    /// Every runtime `name` names (by the language's name, or an alias a runtime lists),
+    /// case-insensitively, in catalog order.
+    pub fn named(&self, name: &str) -> Vec<&Language> {
+        self.languages.iter().filter(|l| l.named(name)).collect()
+    }
+
+    /// The runtime with this id ([`Language::runtime`]).
+    pub fn runtime(&self, id: &str) -> Option<&Language> {
+        self.languages.iter().find(|l| l.runtime() == id)
+    }
+
+    /// The language names, sorted, each once.
     pub fn names(&self) -> Vec<&str> {
         let mut names: Vec<&str> = self.languages.iter().map(|l| l.name.as_str()).collect();
         names.sort_unstable();
+        names.dedup();
         names
     }
 }
 
 impl Language {
+    /// This runtime's id, unique in a catalog: the language's name and its image's recipe
+    /// (`python/python-3.13`). Pools and image states are keyed by it.
+    pub fn runtime(&self) -> String {
+        format!("{}/{}", self.name, self.image)
+    }
+
+    /// Whether `asked` (a name or an alias, any case) names this runtime.
+    pub fn named(&self, asked: &str) -> bool {
+        let asked = asked.trim().to_ascii_lowercase();
+        self.name == asked || self.aliases.contains(&asked)
+    }
+
     pub fn compiled(&self) -> bool {
         self.compile.is_some()
     }
@@ -230,18 +276,49 @@ mod tests {
     }
 
     #[test]
-    fn no_name_or_alias_is_claimed_twice() {
+    fn no_name_or_alias_names_two_languages() {
         let c = Catalog::parse(BUILTIN_CATALOG).unwrap();
-        let mut all: Vec<&str> = c
-            .languages
+        let mut owner: BTreeMap<&str, &str> = BTreeMap::new();
+        for l in &c.languages {
+            for alias in std::iter::once(&l.name).chain(&l.aliases) {
+                assert_eq!(*owner.entry(alias).or_insert(&l.name), l.name, "{alias}");
+            }
+        }
+        let twice = "[[language]]\nname = \"a\"\naliases = [\"x\"]\nimage = \"a\"\nfile_name = \"a\"\nversion = [\"v\"]\nrun = [\"r\"]\n\n\
+                     [[language]]\nname = \"b\"\naliases = [\"x\"]\nimage = \"b\"\nfile_name = \"b\"\nversion = [\"v\"]\nrun = [\"r\"]\n";
+        assert!(Catalog::parse(twice)
+            .unwrap_err()
+            .contains("\"x\" names both"));
+        let same_image = twice.replace("\"b\"", "\"a\"");
+        assert!(Catalog::parse(&same_image)
+            .unwrap_err()
+            .contains("listed twice"));
+    }
+
+    #[test]
+    fn the_builtin_catalog_serves_the_trixie_runtimes_beside_the_defaults() {
+        let builtin = Catalog::parse(BUILTIN_CATALOG).unwrap();
+        let trixie = Catalog::parse(include_str!("../../deploy/images/trixie.toml")).unwrap();
+        for l in &trixie.languages {
+            assert_eq!(builtin.runtime(&l.runtime()), Some(l), "{}", l.runtime());
+            assert!(builtin_recipe(&l.image).is_some(), "{}", l.image);
+            let runtimes = builtin.named(&l.name);
+            assert_eq!(runtimes.len(), 2, "{}", l.name);
+        }
+        // An alias names the runtimes that list it; the name names them all.
+        let java17: Vec<String> = builtin
+            .named("JAVA17")
             .iter()
-            .flat_map(|l| std::iter::once(&l.name).chain(&l.aliases))
-            .map(String::as_str)
+            .map(|l| l.runtime())
             .collect();
-        let n = all.len();
-        all.sort_unstable();
-        all.dedup();
-        assert_eq!(all.len(), n, "{all:?}");
+        assert_eq!(java17, ["java/java"]);
+        assert_eq!(builtin.named("py").len(), 2);
+        let enabled = builtin
+            .clone()
+            .restrict(&["python".into(), "java21".into()])
+            .unwrap();
+        let ids: Vec<String> = enabled.languages.iter().map(|l| l.runtime()).collect();
+        assert_eq!(ids, ["python/python", "python/python-3.13", "java/java-21"]);
     }
 
     #[test]

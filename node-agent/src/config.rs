@@ -33,7 +33,9 @@ pub struct Config {
     #[arg(long, env = "CODEFLEET_LANGUAGES")]
     pub languages: Option<PathBuf>,
 
-    /// Serve only these languages (comma separated names; default: all in the catalog).
+    /// Serve only these languages (comma separated names or aliases; default: all in the
+    /// catalog). A name enables every runtime of its language, an alias the runtimes that list
+    /// it (`java17`: only Java 17).
     #[arg(long, env = "CODEFLEET_ENABLE", value_delimiter = ',')]
     pub enable: Vec<String>,
 

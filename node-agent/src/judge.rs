@@ -412,7 +412,7 @@ struct Loaded<'a> {
 
 impl<'a> Loaded<'a> {
     fn new(sandboxes: &'a Arc<Sandboxes>, config: &'a Config, prepared: &'a Prepared) -> Self {
-        let key = sandboxes.key(&prepared.language.name, prepared.limits.memory_bytes);
+        let key = sandboxes.key(&prepared.language, prepared.limits.memory_bytes);
         let in_use = sandboxes.begin(&key);
         Loaded {
             sandboxes,

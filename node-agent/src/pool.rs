@@ -1,4 +1,4 @@
-//! Warm sandboxes, per language and memory limit (a container's cgroup is fixed when it is
+//! Warm sandboxes, per runtime and memory limit (a container's cgroup is fixed when it is
 //! created, so a pool serves exactly one memory limit). `fresh` sandboxes never ran a job;
 //! `recycled` ones were reset after one. Sizing is a pure function of recent demand.
 
@@ -10,7 +10,10 @@ use crate::sandbox::Sandbox;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PoolKey {
+    /// The runtime's language name (for labels and logs).
     pub language: String,
+    /// The runtime's id ([`crate::catalog::Language::runtime`]): what the pool is of.
+    pub runtime: String,
     pub memory_bytes: u64,
 }
 
@@ -266,12 +269,12 @@ impl Pools {
         (refills, idle)
     }
 
-    /// Ready sandboxes per language.
+    /// Ready sandboxes per runtime id.
     pub fn warm_counts(&self) -> HashMap<String, u32> {
         let entries = self.entries.lock().expect("pool lock");
         let mut out = HashMap::new();
         for (key, e) in entries.iter() {
-            *out.entry(key.language.clone()).or_insert(0) +=
+            *out.entry(key.runtime.clone()).or_insert(0) +=
                 (e.fresh.len() + e.recycled.len()) as u32;
         }
         out

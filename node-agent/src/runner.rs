@@ -184,7 +184,7 @@ impl Runner {
     ) -> Result<ExecuteResponse, AgentError> {
         let key = self
             .sandboxes
-            .key(&prepared.language.name, prepared.limits.memory_bytes);
+            .key(&prepared.language, prepared.limits.memory_bytes);
         let in_use = self.sandboxes.begin(&key);
         let mut dead = 0;
         let (outcome, sandbox, source, id) = loop {

@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 use codefleet_shared::validate::JobFile;
 use codefleet_shared::{Isolation, ResolvedLimits, Status};
 
+use crate::catalog::Language;
 use crate::config::Config;
 use crate::engine::{Engine, SandboxSpec};
 use crate::job::{Prepared, OPEN_FILES};
@@ -82,24 +83,27 @@ impl Sandboxes {
         self.pools.resetting(key)
     }
 
-    pub fn key(&self, language: &str, memory_bytes: u64) -> PoolKey {
+    /// The pool of runtime `runtime` at `memory_bytes`.
+    pub fn key(&self, runtime: &Language, memory_bytes: u64) -> PoolKey {
         PoolKey {
-            language: language.to_string(),
+            language: runtime.name.clone(),
+            runtime: runtime.runtime(),
             memory_bytes,
         }
     }
 
-    /// The pool of the default memory limit for `language`.
-    pub fn default_key(&self, language: &str) -> PoolKey {
-        self.key(language, self.config.default_limits().memory_bytes)
+    /// The pool of the default memory limit for `runtime`.
+    pub fn default_key(&self, runtime: &Language) -> PoolKey {
+        self.key(runtime, self.config.default_limits().memory_bytes)
     }
 
+    /// A pool's bounds: `--pool-min` for the default memory limit of a language's default
+    /// runtime (its newest, once none of its runtimes is still being prepared), none for other
+    /// runtimes and limits (they keep warm sandboxes by recent demand); at most `--pool-max`.
     pub fn sizing(&self, key: &PoolKey) -> Sizing {
-        let min = if key.memory_bytes == self.config.default_limits().memory_bytes {
-            self.config.pool_min
-        } else {
-            0
-        };
+        let default = key.memory_bytes == self.config.default_limits().memory_bytes
+            && self.registry.default_runtime(&key.language).as_deref() == Some(&key.runtime);
+        let min = if default { self.config.pool_min } else { 0 };
         Sizing {
             min,
             max: self.config.pool_max,
@@ -131,7 +135,7 @@ impl Sandboxes {
     pub async fn start(&self, key: &PoolKey, kind: &'static str) -> Result<Sandbox, SandboxError> {
         let tag = self
             .registry
-            .ready_tag(&key.language)
+            .ready_tag(&key.runtime)
             .map_err(SandboxError::Failed)?;
         let spec = self.spec(key, &tag, kind);
         let channel_root = self.config.channel_root();
@@ -142,7 +146,7 @@ impl Sandboxes {
     /// first run of a toolchain in a new container pays for loading it, and a user's job should
     /// not. The sandbox still never ran another job, so it serves `fresh` jobs.
     async fn warm_up(&self, key: &PoolKey, mut sandbox: Sandbox) -> Result<Sandbox, SandboxError> {
-        let Some(lang) = self.registry.catalog().find(&key.language) else {
+        let Some(lang) = self.registry.catalog().runtime(&key.runtime) else {
             return Ok(sandbox);
         };
         let Some(source) = &lang.warmup else {
@@ -241,7 +245,7 @@ impl Sandboxes {
         self.refill.notify_one();
     }
 
-    /// Ready sandboxes per language.
+    /// Ready sandboxes per runtime id.
     pub fn warm_counts(&self) -> std::collections::HashMap<String, u32> {
         self.pools.warm_counts()
     }
@@ -253,7 +257,7 @@ impl Sandboxes {
                 .registry
                 .serving()
                 .iter()
-                .map(|l| self.default_key(l))
+                .map(|runtime| self.default_key(runtime))
                 .collect();
             // Sandboxes whose containers died behind our back go before any job is handed one,
             // and the plan below replaces them.
@@ -272,7 +276,12 @@ impl Sandboxes {
                     }
                 }
             }
-            for (lang, n) in self.pools.warm_counts() {
+            let mut per_language: std::collections::BTreeMap<String, u32> = Default::default();
+            for (runtime, n) in self.pools.warm_counts() {
+                let language = runtime.split_once('/').map_or(runtime.as_str(), |(l, _)| l);
+                *per_language.entry(language.to_string()).or_default() += n;
+            }
+            for (lang, n) in per_language {
                 metrics::gauge!("codefleet_warm_sandboxes", "language" => lang).set(n as f64);
             }
             let reachable = self.lifecycle.docker_ok();

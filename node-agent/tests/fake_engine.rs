@@ -458,10 +458,10 @@ async fn used_sandboxes_are_reset_and_reused_or_discarded() {
     assert_eq!(run_stdout(&first), "kept\n");
     // The reset runs after the answer; a job arriving during it would take a fresh sandbox
     // after a short wait, so wait for it here.
-    let key = node
-        .agent
-        .sandboxes()
-        .key("fakepy", node.agent.config().default_limits().memory_bytes);
+    let key = node.agent.sandboxes().key(
+        node.agent.registry().catalog().find("fakepy").unwrap(),
+        node.agent.config().default_limits().memory_bytes,
+    );
     eventually("the used sandbox reset", || {
         node.agent.sandboxes().resetting(&key) == 0
     })

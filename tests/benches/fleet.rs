@@ -1106,6 +1106,7 @@ fn report_stub(gateway: String, stub: String) -> tokio::task::JoinHandle<()> {
             },
         )]),
         sessions: 0,
+        runtimes: vec![],
     };
     tokio::spawn(async move {
         let client = http_client();
@@ -2307,7 +2308,7 @@ fn routing_bench(budget: Duration) -> Routing {
         slots_total: 8,
         languages: LANGS
             .iter()
-            .map(|l| (l.to_string(), "1.0".to_string()))
+            .map(|l| (l.to_string(), vec![(String::new(), "1.0".to_string())]))
             .collect(),
         load: i,
     };
@@ -2343,6 +2344,7 @@ fn routing_bench(budget: Duration) -> Routing {
                 let want = Want {
                     language: LANGS[k % LANGS.len()],
                     version: None,
+                    runtime: None,
                     exclude: &[],
                 };
                 match table.choose(black_box(&want), config.balance_factor, |&i| loads[i]) {

@@ -157,7 +157,8 @@ impl Api {
             .await
     }
 
-    /// Waits until `/readyz` answers 200 and every listed language is ready.
+    /// Waits until `/readyz` answers 200 and every listed language is ready: every runtime of
+    /// it the answer lists (so a request without `version` gets the newest).
     pub async fn wait_ready(&self, languages: &[&str], within: Duration) {
         let deadline = Instant::now() + within;
         loop {
@@ -170,13 +171,14 @@ impl Api {
                 .unwrap_or(false);
             if ready {
                 let langs = self.get("/v1/languages").await.body;
+                let ready = |e: &Value| {
+                    (e["image"] == "ready" || e["nodes_ready"].as_u64() > Some(0))
+                        && e["version"] != ""
+                };
                 let ok = languages.iter().all(|l| {
                     langs.as_array().is_some_and(|a| {
-                        a.iter().any(|e| {
-                            e["name"] == *l
-                                && (e["image"] == "ready" || e["nodes_ready"].as_u64() > Some(0))
-                                && e["version"] != ""
-                        })
+                        let mut of = a.iter().filter(|e| e["name"] == *l).peekable();
+                        of.peek().is_some() && of.all(ready)
                     })
                 });
                 if ok {

@@ -35,6 +35,7 @@ pub fn capacity(id: &str, address: &str, slots: u32, busy: u32) -> CapacityRepor
         draining: false,
         languages: [("python".to_string(), python), ("go".to_string(), go)].into(),
         sessions: 0,
+        runtimes: vec![],
     }
 }
 
