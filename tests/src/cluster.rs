@@ -428,7 +428,19 @@ impl Cluster {
                 return false;
             }
         }
-        true
+        // Every runtime of every language on every node, as the gateway sees it: a node whose
+        // report still lacks a language's newest runtime gets none of the jobs that want it.
+        let listed = self.admin.get("/v1/languages").await.body;
+        let Some(listed) = listed.as_array() else {
+            return false;
+        };
+        self.languages().iter().all(|l| {
+            let runtimes: Vec<&Value> = listed.iter().filter(|r| r["name"] == *l).collect();
+            !runtimes.is_empty()
+                && runtimes
+                    .iter()
+                    .all(|r| r["nodes_ready"].as_u64() >= Some(nodes.len() as u64))
+        })
     }
 
     /// Waits until the gateway lists every running agent as ready again.
