@@ -111,12 +111,22 @@ impl<L> NodeEntry<L> {
     /// The runtime of `language` this node runs for a request asking `version`, as the agent
     /// picks it: the newest of its ready runtimes whose version `version` names.
     pub fn runtime_for(&self, language: &str, version: Option<&str>) -> Option<&(String, String)> {
-        self.languages
-            .get(language)?
-            .iter()
-            .filter(|(_, have)| version_matches(version, have))
-            .max_by(|a, b| compare_versions(&a.1, &b.1))
+        runtime_among(self.languages.get(language)?, version)
     }
+}
+
+/// A node's runtimes of one language: (runtime id, version).
+type Runtimes = Vec<(String, String)>;
+
+/// The newest of `runtimes` (id, version) whose version `version` names.
+fn runtime_among<'a>(
+    runtimes: &'a [(String, String)],
+    version: Option<&str>,
+) -> Option<&'a (String, String)> {
+    runtimes
+        .iter()
+        .filter(|(_, have)| version_matches(version, have))
+        .max_by(|a, b| compare_versions(&a.1, &b.1))
 }
 
 /// What a job asks of its node.
@@ -150,7 +160,9 @@ pub struct RoutingTable<L> {
     nodes: Vec<NodeEntry<L>>,
     index: HashMap<NodeId, usize>,
     /// Language → indexes into `nodes` of the nodes with it ready.
-    by_language: HashMap<String, Vec<usize>>,
+    /// Per language: the nodes that have it ready, each with its runtimes of it (copied here so
+    /// that weighing every candidate costs no map lookup per node).
+    by_language: HashMap<String, Vec<(usize, Runtimes)>>,
 }
 
 impl<L> RoutingTable<L> {
@@ -190,10 +202,13 @@ impl<L> RoutingTable<L> {
                 ring.insert(entry.id.clone());
             }
         }
-        let mut by_language: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut by_language: HashMap<String, Vec<(usize, Runtimes)>> = HashMap::new();
         for (i, entry) in entries.iter().enumerate() {
-            for language in entry.languages.keys() {
-                by_language.entry(language.clone()).or_default().push(i);
+            for (language, runtimes) in &entry.languages {
+                by_language
+                    .entry(language.clone())
+                    .or_default()
+                    .push((i, runtimes.clone()));
             }
         }
         RoutingTable {
@@ -236,15 +251,14 @@ impl<L> RoutingTable<L> {
         let Some(pool) = self.by_language.get(want.language) else {
             return Decision::Unavailable;
         };
-        let eligible = |entry: &NodeEntry<L>| {
+        let eligible = |entry: &NodeEntry<L>, runtimes: &[(String, String)]| {
             !want.exclude.contains(&entry.id)
-                && entry
-                    .runtime_for(want.language, want.version)
+                && runtime_among(runtimes, want.version)
                     .is_some_and(|(id, _)| want.runtime.is_none_or(|r| r == id))
         };
         let (mut count, mut total) = (0u64, 0u64);
-        for entry in pool.iter().map(|&i| &self.nodes[i]) {
-            if eligible(entry) {
+        for (entry, runtimes) in pool.iter().map(|(i, r)| (&self.nodes[*i], r)) {
+            if eligible(entry, runtimes) {
                 count += 1;
                 total += u64::from(load(&entry.load));
             }
@@ -256,7 +270,10 @@ impl<L> RoutingTable<L> {
         let mut fallback: Option<(u64, &NodeEntry<L>)> = None;
         for id in self.ring.replicas(Key(want.language)) {
             let entry = &self.nodes[self.index[id]];
-            if !entry.languages.contains_key(want.language) || !eligible(entry) {
+            let Some(runtimes) = entry.languages.get(want.language) else {
+                continue;
+            };
+            if !eligible(entry, runtimes) {
                 continue;
             }
             let load = u64::from(load(&entry.load));
