@@ -15,6 +15,7 @@ pub mod judge;
 pub mod problem;
 pub mod sandbox;
 pub mod stream;
+pub mod submission;
 pub mod validate;
 pub mod version;
 
