@@ -406,7 +406,7 @@ impl Membership {
                 if !l.version.is_empty() && !runtime.versions.contains(&l.version) {
                     runtime.versions.push(l.version.clone());
                 }
-                if ready && l.image == ImageState::Ready {
+                if ready && serves(l) {
                     runtime.info.nodes_ready += 1;
                     if compare_versions(&l.version, &runtime.info.version).is_gt() {
                         runtime.info.version = l.version.clone();
@@ -444,11 +444,18 @@ impl Membership {
     }
 }
 
-/// The ready runtimes in `report`, by language.
+/// Whether a node serves a runtime it reports: its image is ready and its version read (an
+/// agent reads the version from the image before it serves it; routing a job by version to a
+/// node whose version is unknown could pick a runtime the node would not run).
+fn serves(l: &LanguageCapacity) -> bool {
+    l.image == ImageState::Ready && !l.version.is_empty()
+}
+
+/// The runtimes `report` serves, by language.
 fn ready_runtimes(report: &CapacityReport) -> BTreeMap<String, Vec<(String, String)>> {
     let mut out: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
     for (name, id, l) in report.all_runtimes() {
-        if l.image == ImageState::Ready {
+        if serves(l) {
             let runtime = (id.to_string(), l.version.clone());
             out.entry(name.to_string()).or_default().push(runtime);
         }
@@ -770,6 +777,31 @@ mod tests {
         }
         assert_eq!(snapshot.ready_nodes, 2);
         assert_eq!(snapshot.table.nodes().len(), 2);
+    }
+
+    /// An image built but whose version is still being read is not served yet (the agent does
+    /// not run it): neither counted ready nor a routing candidate. A cluster once saw a job
+    /// routed away from its primary because the primary's newer runtime had no version yet.
+    #[test]
+    fn a_runtime_without_its_version_yet_is_not_served() {
+        let (mut m, t0) = (membership(), Instant::now());
+        let reading = [
+            ("python", "python/python-3.13", ""),
+            ("python", "python/python", "3.11.2"),
+        ];
+        m.report(with_runtimes("a", &reading), t0).unwrap();
+        let snapshot = m.snapshot(&Snapshot::empty(160));
+        let listed: Vec<(&str, u32)> = snapshot
+            .catalog
+            .languages()
+            .map(|l| (l.version.as_str(), l.nodes_ready))
+            .collect();
+        assert_eq!(listed, [("3.11.2", 1)]);
+        let node = &snapshot.table.nodes()[0];
+        assert_eq!(
+            node.languages["python"],
+            [("python/python".to_string(), "3.11.2".to_string())]
+        );
     }
 
     fn with_runtimes(id: &str, runtimes: &[(&str, &str, &str)]) -> CapacityReport {

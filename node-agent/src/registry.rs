@@ -18,9 +18,12 @@ pub enum ImageStatus {
 }
 
 impl ImageStatus {
+    /// The state reports show: an image whose version is still being read is `preparing`, as
+    /// the runtime does not serve until it is read.
     pub fn state(&self) -> ImageState {
         match self {
             ImageStatus::Preparing => ImageState::Preparing,
+            ImageStatus::Ready { .. } if self.version().is_none() => ImageState::Preparing,
             ImageStatus::Ready { .. } => ImageState::Ready,
             ImageStatus::Failed(_) => ImageState::Failed,
         }
@@ -211,7 +214,7 @@ impl Registry {
                     version,
                     compiled: l.compiled(),
                     file_name: l.file_name.clone(),
-                    nodes_ready: u32::from(matches!(status, ImageStatus::Ready { .. })),
+                    nodes_ready: u32::from(status.version().is_some()),
                     image: Some(status.state()),
                     error,
                 };

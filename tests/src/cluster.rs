@@ -412,14 +412,29 @@ impl Cluster {
             .unwrap_or(Value::Null)
     }
 
-    /// True when the gateway lists `node` as ready with each of the cluster's languages ready.
+    /// True when the gateway lists `node` as ready with each of the cluster's languages ready,
+    /// and the agent itself serves every runtime of them (image ready, version read): until it
+    /// does, the gateway may not yet know which runtime is a language's newest.
     pub async fn is_serving(&self, node: &str) -> bool {
         let info = self.node_info(node).await;
-        info["state"] == "ready"
+        let ready = info["state"] == "ready"
             && self
                 .languages()
                 .iter()
-                .all(|l| info["languages"][l]["image"] == "ready")
+                .all(|l| info["languages"][l]["image"] == "ready");
+        if !ready {
+            return false;
+        }
+        let own = self.agent(node).api.get("/v1/languages").await.body;
+        let languages = self.languages();
+        own.as_array().is_some_and(|runtimes| {
+            runtimes
+                .iter()
+                .filter(|r| languages.iter().any(|l| r["name"] == *l))
+                .all(|r| {
+                    r["image"] == "ready" && r["version"].as_str().is_some_and(|v| !v.is_empty())
+                })
+        })
     }
 
     async fn all_serving(&self, nodes: &[String]) -> bool {

@@ -25,29 +25,16 @@ struct Arrived {
 }
 
 /// `POST /v1/execute` asking for the stream: the answer, once its head is in.
-/// A language the cluster has only just made ready may still be answered 503
-/// `language_unavailable` (with `Retry-After`) for a moment; a client retries it, as this does.
 async fn stream(cluster: &Cluster, body: &Value) -> reqwest::Response {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let response = loop {
-        let response = cluster
-            .api
-            .http
-            .post(format!("{}/v1/execute", cluster.api.url))
-            .header("accept", NDJSON)
-            .json(body)
-            .send()
-            .await
-            .expect("the gateway answers");
-        let unavailable = response.status() == StatusCode::SERVICE_UNAVAILABLE
-            && response.headers().contains_key("retry-after");
-        if !unavailable || std::time::Instant::now() > deadline {
-            break response;
-        }
-        let detail = response.text().await.unwrap_or_default();
-        eprintln!("503 before the stream, retrying: {detail}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
+    let response = cluster
+        .api
+        .http
+        .post(format!("{}/v1/execute", cluster.api.url))
+        .header("accept", NDJSON)
+        .json(body)
+        .send()
+        .await
+        .expect("the gateway answers");
     assert_eq!(
         response.status(),
         StatusCode::OK,
