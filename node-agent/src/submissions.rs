@@ -257,6 +257,9 @@ pub struct Submissions {
     sender: callback::Sender,
     /// Cancelled at shutdown: running submissions stop (and run again at the next start).
     stop: CancellationToken,
+    /// Set once the store has been read at start: a new submission waits for it, so it is not
+    /// also taken for a recovered one.
+    recovered: tokio::sync::watch::Sender<bool>,
 }
 
 impl Submissions {
@@ -285,6 +288,7 @@ impl Submissions {
             },
             allow,
             stop: CancellationToken::new(),
+            recovered: tokio::sync::watch::Sender::new(false),
         }
     }
 
@@ -363,6 +367,7 @@ impl Submissions {
         kind: &str,
         request_id: Option<String>,
     ) -> Result<Submission, AgentError> {
+        let _ = self.recovered.subscribe().wait_for(|done| *done).await;
         let length = self.queue_length;
         let reserved = self
             .queued
@@ -535,6 +540,9 @@ impl Submissions {
         let Some((mut all, count)) = recovered else {
             return Ok(Vec::new());
         };
+        if all.is_empty() {
+            return Ok(all);
+        }
         all.sort_by_key(|(_, r)| r.seq);
         let next = all.last().map_or(0, |(_, r)| r.seq + 1);
         self.next_seq.store(next, Ordering::SeqCst);
@@ -721,7 +729,9 @@ impl Agent {
         _turn: tokio::sync::OwnedSemaphorePermit,
     ) {
         let subs = self.submissions().clone();
-        subs.queued.fetch_sub(1, Ordering::SeqCst);
+        let _ = subs
+            .queued
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
         let cancel = subs.stop.child_token();
         subs.running
             .lock()
@@ -817,7 +827,9 @@ async fn once_ready<T>(
 /// work, and expiry. Ends at shutdown.
 pub async fn run_loop(agent: Arc<Agent>) {
     let subs = agent.submissions().clone();
-    match subs.recover().await {
+    let recovered = subs.recover().await;
+    subs.recovered.send_replace(true);
+    match recovered {
         Ok(all) => {
             for (token, record) in all {
                 let pending = record
