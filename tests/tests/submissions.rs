@@ -193,6 +193,7 @@ async fn cancels_refusals_and_unknown_tokens() {
         .agent_arg("--state-dir", dir.path().display())
         .agent_arg("--slots", 2)
         .agent_arg("--submission-concurrency", 1)
+        .agent_arg("--submission-queue-length", 1)
         .agent_arg("--callback-secret", "cancel-test-secret")
         .start()
         .await;
@@ -271,6 +272,14 @@ async fn cancels_refusals_and_unknown_tokens() {
     .await;
     let queued = submit(&api, python("print('never')")).await;
     assert_eq!(poll(&api, &queued).await.body["status"], "queued");
+    // The node's line is full (one here): refused at once, to be sent again later.
+    let full = api.post("/v1/submissions", &python("print(3)")).await;
+    assert_eq!(full.status, StatusCode::SERVICE_UNAVAILABLE, "{full:?}");
+    assert_eq!(full.code(), "no_capacity", "{full:?}");
+    assert!(full.headers.contains_key("retry-after"), "{full:?}");
+    // Synchronous jobs still have the other slot.
+    let sync = api.execute(json!({"language": "python", "source": "print('sync')"})).await;
+    assert_eq!(sync["run"]["stdout"], "sync\n", "{sync}");
 
     let a = api.delete(&format!("/v1/submissions/{queued}")).await;
     assert_eq!(a.status, StatusCode::OK, "{a:?}");
