@@ -4,7 +4,9 @@
 //!
 //! The store is one redb file per node id (`<state dir>/<node id>.redb`, made on the first
 //! submission): an embedded, pure-Rust, ACID key-value store (every commit is durable before the
-//! `202`), with no C to build and no server to run. Records are JSON. What survives a restart
+//! `202`), with no C to build and no server to run, maintained and at 3.x with a stable file
+//! format (SQLite through rusqlite would compile SQLite's C in every build on these 2-core
+//! machines; sled's file format is still beta). Records are JSON. What survives a restart
 //! (or a `kill -9`): every submission accepted; one that was queued or running is queued again
 //! in the order it came and run from the start (a run cut short leaves nothing behind: its
 //! sandbox went with the agent); finished ones keep their result until they expire
