@@ -278,7 +278,9 @@ async fn cancels_refusals_and_unknown_tokens() {
     assert_eq!(full.code(), "no_capacity", "{full:?}");
     assert!(full.headers.contains_key("retry-after"), "{full:?}");
     // Synchronous jobs still have the other slot.
-    let sync = api.execute(json!({"language": "python", "source": "print('sync')"})).await;
+    let sync = api
+        .execute(json!({"language": "python", "source": "print('sync')"}))
+        .await;
     assert_eq!(sync["run"]["stdout"], "sync\n", "{sync}");
 
     let a = api.delete(&format!("/v1/submissions/{queued}")).await;
