@@ -9,6 +9,7 @@
 //! - `dispatch`: the pooled client to agents, waiting for room, retries, `node_lost`.
 //! - `stream`: NDJSON answers passed through line by line, `node_lost` at a cut, the stall limit.
 //! - `connect`: `GET /v1/connect`, a client's WebSocket relayed to an agent's.
+//! - `submissions`: `/v1/submissions`, stored on a node, polled and cancelled by token.
 //! - `error`: every failure and its problem+json answer.
 //! - `metrics`: what `/metrics` exports.
 #![forbid(unsafe_code)]
@@ -25,6 +26,7 @@ pub mod membership;
 pub mod metrics;
 pub mod routing;
 pub mod stream;
+pub mod submissions;
 
 use std::future::Future;
 use std::sync::{Arc, Mutex, RwLock};

@@ -1,7 +1,7 @@
 //! The agent's HTTP API: decode and validate at the edge, call the agent, answer JSON,
 //! an NDJSON stream (`Accept: application/x-ndjson`) or problem+json; errors become answers in
 //! one place (`ApiError`). Routes: docs/api.md's execute, connect (WebSocket, in `connect`),
-//! languages and sessions, plus `/v1/capacity`, `/v1/drain`, `/healthz`, `/readyz` and
+//! languages, sessions and submissions (`submissions::http`), plus `/v1/capacity`, `/v1/drain`, `/healthz`, `/readyz` and
 //! `/metrics`.
 
 use std::convert::Infallible;
@@ -29,6 +29,7 @@ use crate::agent::{Agent, Streaming};
 use crate::error::AgentError;
 use crate::job::Prepared;
 use crate::runner::{Target, Ticket};
+use crate::submissions::http as subs;
 
 /// An error as an HTTP answer: the one place the agent's errors become problem+json. A node's
 /// error for a job that certainly did not start says so (`x-codefleet-not-started: true`), so
@@ -75,6 +76,9 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/sessions", post(create_session))
         .route("/v1/sessions/{id}/execute", post(session_execute))
         .route("/v1/sessions/{id}", delete(delete_session))
+        .route("/v1/submissions", post(subs::create))
+        .route("/v1/submissions/{token}", get(subs::get))
+        .route("/v1/submissions/{token}", delete(subs::cancel))
         .route_layer(middleware::from_fn_with_state(agent.clone(), authorize));
     Router::new()
         .merge(v1)
@@ -115,7 +119,10 @@ pub fn bearer_matches(headers: &HeaderMap, expected: &str) -> bool {
 
 /// Reads a JSON body: declared `application/json` (415), within the size (413), time (408,
 /// the shared edge's body deadline) and depth limits.
-async fn read_json<T: DeserializeOwned>(agent: &Agent, request: Request) -> Result<T, Problem> {
+pub(crate) async fn read_json<T: DeserializeOwned>(
+    agent: &Agent,
+    request: Request,
+) -> Result<T, Problem> {
     codefleet_http_edge::require_json(request.headers())?;
     let (parts, body) = request.into_parts();
     let bytes = codefleet_http_edge::read_body(&parts.headers, body, agent.config().max_body_bytes)
