@@ -56,6 +56,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .merge(public)
         .merge(admin)
         .merge(internal)
+        .merge(crate::judge0::router(Arc::clone(&gw)))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
