@@ -149,7 +149,7 @@ impl AttemptError {
     }
 
     /// The answer for a job that ends with this error on `node`.
-    fn into_error(self, node: &NodeId) -> GatewayError {
+    pub(crate) fn into_error(self, node: &NodeId) -> GatewayError {
         let node = node.to_string();
         match self {
             AttemptError::Refused(reason) => GatewayError::NoCapacity {

@@ -43,6 +43,11 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/v1/sessions", post(create_session))
         .route("/v1/sessions/{id}/execute", post(session_execute))
         .route("/v1/sessions/{id}", delete(delete_session))
+        .route("/v1/submissions", post(crate::submissions::create))
+        .route(
+            "/v1/submissions/{token}",
+            get(crate::submissions::get).delete(crate::submissions::cancel),
+        )
         .route_layer(from_fn_with_state(Arc::clone(&gw), edge::client_auth));
     let admin = Router::new()
         .route("/v1/nodes", get(list_nodes))

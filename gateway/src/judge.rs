@@ -6,6 +6,7 @@
 //! node, the attempts and the gateway's wait added.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -14,11 +15,13 @@ use axum::Json;
 use codefleet_shared::judge::{
     check_judge, judge_budget, test_limits, Checker, JudgeRequest, JudgeResponse,
 };
+use codefleet_shared::LanguageInfo;
 
 use crate::dispatch::{place, Delivery, Job};
 use crate::edge::JsonBody;
 use crate::error::GatewayError;
 use crate::handlers::{check_job, labelled, resolve_language};
+use crate::membership::Snapshot;
 use crate::Gateway;
 
 pub async fn judge(State(gw): State<Arc<Gateway>>, body: JsonBody<JudgeRequest>) -> Response {
@@ -27,15 +30,21 @@ pub async fn judge(State(gw): State<Arc<Gateway>>, body: JsonBody<JudgeRequest>)
     labelled(language, result)
 }
 
-async fn run_judge(
+/// A judge request that passed the edge's checks: the runtime its program runs in, and the time
+/// one compile and every test's run (and the checker's) may take.
+pub(crate) struct Checked<'s> {
+    pub language: &'s LanguageInfo,
+    pub runtime: &'s str,
+    pub budget: Duration,
+}
+
+/// The checks of `POST /v1/judge` (a submission's judge gets the same).
+pub(crate) fn check<'s>(
     gw: &Gateway,
-    JsonBody {
-        value: request,
-        raw,
-    }: JsonBody<JudgeRequest>,
-    label: &mut Option<String>,
-) -> Result<Response, GatewayError> {
-    check_judge(&request).map_err(GatewayError::Invalid)?;
+    snapshot: &'s Snapshot,
+    request: &JudgeRequest,
+) -> Result<Checked<'s>, GatewayError> {
+    check_judge(request).map_err(GatewayError::Invalid)?;
     let program = &request.program;
     let limits = check_job(gw, program)?;
     let max = gw.config().max_limits();
@@ -47,20 +56,40 @@ async fn run_judge(
         .map(|(i, t)| test_limits(i, &limits, t.limits.as_ref(), &max))
         .collect::<Result<Vec<_>, _>>()
         .map_err(GatewayError::Invalid)?;
-    let snapshot = gw.snapshot();
     let checker = match &request.checker {
         Some(Checker::Program { program }) => {
             let checker_limits = check_job(gw, program)?;
             let version = program.version.as_deref().filter(|v| !v.is_empty());
-            resolve_language(&snapshot, program.language.as_deref(), version)?;
+            resolve_language(snapshot, program.language.as_deref(), version)?;
             Some(checker_limits)
         }
         _ => None,
     };
     let version = program.version.as_deref().filter(|v| !v.is_empty());
-    let (info, runtime) = resolve_language(&snapshot, program.language.as_deref(), version)?;
+    let (language, runtime) = resolve_language(snapshot, program.language.as_deref(), version)?;
+    Ok(Checked {
+        language,
+        runtime,
+        budget: judge_budget(&limits, &tests, checker.as_ref()),
+    })
+}
+
+async fn run_judge(
+    gw: &Gateway,
+    JsonBody {
+        value: request,
+        raw,
+    }: JsonBody<JudgeRequest>,
+    label: &mut Option<String>,
+) -> Result<Response, GatewayError> {
+    let snapshot = gw.snapshot();
+    let Checked {
+        language: info,
+        runtime,
+        budget,
+    } = check(gw, &snapshot, &request)?;
+    let version = request.program.version.as_deref().filter(|v| !v.is_empty());
     *label = Some(info.name.clone());
-    let budget = judge_budget(&limits, &tests, checker.as_ref());
     let job = Job {
         language: &info.name,
         version,

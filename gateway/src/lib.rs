@@ -10,6 +10,7 @@
 //! - `stream`: NDJSON answers passed through line by line, `node_lost` at a cut, the stall limit.
 //! - `connect`: `GET /v1/connect`, a client's WebSocket relayed to an agent's.
 //! - `judge0`: Judge0 CE's API (`/submissions`, `/languages`, ...), translated to the native one.
+//! - `submissions`: `/v1/submissions`, stored on a node, polled and cancelled by token.
 //! - `error`: every failure and its problem+json answer.
 //! - `metrics`: what `/metrics` exports.
 #![forbid(unsafe_code)]
@@ -27,6 +28,7 @@ pub mod membership;
 pub mod metrics;
 pub mod routing;
 pub mod stream;
+pub mod submissions;
 
 use std::future::Future;
 use std::sync::{Arc, Mutex, RwLock};

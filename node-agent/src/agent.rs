@@ -35,6 +35,7 @@ use crate::sandbox::{Control, Reaper, Sandbox};
 use crate::sandboxes::Sandboxes;
 use crate::sessions::{rfc3339, Session, Sessions};
 use crate::slots::{Slot, Slots};
+use crate::submissions::Submissions;
 
 pub use crate::sandboxes::SANDBOX_OVERHEAD_BYTES;
 
@@ -49,6 +50,7 @@ pub struct Agent {
     slots: Arc<Slots>,
     sandboxes: Arc<Sandboxes>,
     sessions: Arc<Sessions>,
+    submissions: Arc<Submissions>,
     runner: Runner,
     /// This agent's hold on its node id (see `lease`); `None` only for agents built by hand.
     lease: Option<NodeLease>,
@@ -86,6 +88,7 @@ impl Agent {
             (docker, reaper, supervisor),
         ));
         let sessions = Arc::new(Sessions::new(config.max_sessions));
+        let submissions = Arc::new(Submissions::new(&config));
         let runner = Runner::new(
             config.clone(),
             lifecycle.clone(),
@@ -99,6 +102,7 @@ impl Agent {
             slots,
             sandboxes,
             sessions,
+            submissions,
             runner,
             lease: None,
         }
@@ -132,6 +136,18 @@ impl Agent {
 
     pub fn sessions(&self) -> &Arc<Sessions> {
         &self.sessions
+    }
+
+    pub fn submissions(&self) -> &Arc<Submissions> {
+        &self.submissions
+    }
+
+    pub fn slots(&self) -> &Arc<Slots> {
+        &self.slots
+    }
+
+    pub(crate) fn runner(&self) -> &Runner {
+        &self.runner
     }
 
     pub fn docker(&self) -> &dyn Engine {

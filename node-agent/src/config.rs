@@ -192,6 +192,57 @@ pub struct Config {
     #[arg(long, env = "CODEFLEET_DOCKER_BUILD_TIMEOUT_S", default_value_t = 1_800, value_parser = clap::value_parser!(u64).range(1..))]
     pub docker_build_timeout_s: u64,
 
+    /// Folder of the submissions store (`<state dir>/<node id>.redb`, made on the first
+    /// submission); default `<run-dir>/state`. An agent restarted with the same node id and
+    /// folder runs the submissions it had accepted and not finished.
+    #[arg(long, env = "CODEFLEET_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// Submissions accepted and waiting to run at most; one more is answered 503 no_capacity.
+    #[arg(long, env = "CODEFLEET_SUBMISSION_QUEUE_LENGTH", default_value_t = 1_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub submission_queue_length: u32,
+
+    /// Submissions that hold (or wait for) a slot at once; the other slots stay for synchronous
+    /// jobs (default: half of `--slots`, at least one).
+    #[arg(long, env = "CODEFLEET_SUBMISSION_CONCURRENCY")]
+    pub submission_concurrency: Option<u32>,
+
+    /// Seconds a finished submission is kept after it finished; then its token answers 404.
+    #[arg(long, env = "CODEFLEET_SUBMISSION_TTL_S", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..))]
+    pub submission_ttl_s: u64,
+
+    /// Finished submissions kept at most; beyond it the oldest expire first.
+    #[arg(long, env = "CODEFLEET_SUBMISSION_MAX_STORED", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub submission_max_stored: u64,
+
+    /// The key that signs callbacks (`X-Codefleet-Signature: sha256=<HMAC-SHA256 of the
+    /// body, hex>`). Without it, a submission with a `callback_url` is refused (400).
+    #[arg(long, env = "CODEFLEET_CALLBACK_SECRET", hide_env_values = true)]
+    pub callback_secret: Option<String>,
+
+    /// Addresses callbacks may go to although they are loopback, private, link-local,
+    /// unique-local, multicast or metadata ones: CIDRs (`127.0.0.1/32`, `fd00::/8`), addresses
+    /// or host names (comma separated).
+    #[arg(
+        long = "callback-allow",
+        env = "CODEFLEET_CALLBACK_ALLOW",
+        value_delimiter = ','
+    )]
+    pub callback_allow: Vec<String>,
+
+    /// Attempts to deliver one callback (each a POST that must answer 2xx) before giving up.
+    #[arg(long, env = "CODEFLEET_CALLBACK_ATTEMPTS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub callback_attempts: u32,
+
+    /// Milliseconds before the second attempt; each later one waits twice as long (at most a
+    /// minute).
+    #[arg(long, env = "CODEFLEET_CALLBACK_BACKOFF_MS", default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub callback_backoff_ms: u64,
+
+    /// Milliseconds one callback attempt may take (connect, send, answer).
+    #[arg(long, env = "CODEFLEET_CALLBACK_TIMEOUT_MS", default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub callback_timeout_ms: u64,
+
     /// Prepare (find or build) the language images, print their state, and exit.
     #[arg(long)]
     pub prepare_only: bool,
@@ -220,6 +271,22 @@ impl Config {
     /// How many jobs may wait for a slot at once.
     pub fn queue_length(&self) -> u32 {
         self.queue_length.unwrap_or(self.slots.saturating_mul(4))
+    }
+
+    /// Where this node's submissions are stored.
+    pub fn submissions_path(&self) -> PathBuf {
+        let dir = self
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| self.run_dir.join("state"));
+        dir.join(format!("{}.redb", self.node_id))
+    }
+
+    /// How many submissions hold or wait for a slot at once.
+    pub fn submission_concurrency(&self) -> u32 {
+        self.submission_concurrency
+            .unwrap_or(self.slots / 2)
+            .clamp(1, self.slots.max(1))
     }
 
     /// The limits of the HTTP edge: header and body timeouts, the connection cap.

@@ -1,7 +1,7 @@
 //! The agent's HTTP API: decode and validate at the edge, call the agent, answer JSON,
 //! an NDJSON stream (`Accept: application/x-ndjson`) or problem+json; errors become answers in
 //! one place (`ApiError`). Routes: docs/api.md's execute, connect (WebSocket, in `connect`),
-//! languages and sessions, plus `/v1/capacity`, `/v1/drain`, `/healthz`, `/readyz` and
+//! languages, sessions and submissions (`submissions::http`), plus `/v1/capacity`, `/v1/drain`, `/healthz`, `/readyz` and
 //! `/metrics`.
 
 use std::convert::Infallible;
@@ -75,6 +75,11 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/sessions", post(create_session))
         .route("/v1/sessions/{id}/execute", post(session_execute))
         .route("/v1/sessions/{id}", delete(delete_session))
+        .route("/v1/submissions", post(crate::submissions::http::submit))
+        .route(
+            "/v1/submissions/{token}",
+            get(crate::submissions::http::get).delete(crate::submissions::http::cancel),
+        )
         .route_layer(middleware::from_fn_with_state(agent.clone(), authorize));
     Router::new()
         .merge(v1)
@@ -115,7 +120,10 @@ pub fn bearer_matches(headers: &HeaderMap, expected: &str) -> bool {
 
 /// Reads a JSON body: declared `application/json` (415), within the size (413), time (408,
 /// the shared edge's body deadline) and depth limits.
-async fn read_json<T: DeserializeOwned>(agent: &Agent, request: Request) -> Result<T, Problem> {
+pub(crate) async fn read_json<T: DeserializeOwned>(
+    agent: &Agent,
+    request: Request,
+) -> Result<T, Problem> {
     codefleet_http_edge::require_json(request.headers())?;
     let (parts, body) = request.into_parts();
     let bytes = codefleet_http_edge::read_body(&parts.headers, body, agent.config().max_body_bytes)

@@ -5,13 +5,16 @@
 //! `catalog` (languages), `images` (recipes and tags), `engine` (the seam to the container engine: trait, errors,
 //! spec), `docker` (its bollard implementation, the only module that talks to Docker), `sandbox` (one container and its supervisor channel), `pool` (warm sandboxes and
 //! their sizing policy), `registry` (image states, language resolution), `lifecycle`, `slots`,
-//! `sandboxes` (pools, starts, resets, refills), `sessions`, `job` (a validated job),
+//! `sandboxes` (pools, starts, resets, refills), `sessions`, `submissions` (the async
+//! submissions and their store) and `callback` (their callbacks' guard, signature, delivery),
+//! `job` (a validated job),
 //! `runner` (the one job path, buffered or streamed), `error` (the agent's error type),
 //! `agent` (the parts put together), `http` and `connect` (the API, the WebSocket), `report`
 //! (capacity reports), `telemetry`.
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod callback;
 pub mod catalog;
 pub mod config;
 pub mod connect;
@@ -32,6 +35,7 @@ pub mod sandbox;
 pub mod sandboxes;
 pub mod sessions;
 pub mod slots;
+pub mod submissions;
 pub mod telemetry;
 
 use std::future::Future;
@@ -103,6 +107,7 @@ pub async fn run(
         tokio::spawn(agent.sandboxes().clone().refill_loop()),
         tokio::spawn(agent.sessions().clone().expire_loop()),
         tokio::spawn(report::report_loop(agent.clone())),
+        tokio::spawn(submissions::run_loop(agent.clone())),
     ];
 
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
@@ -123,6 +128,10 @@ pub async fn run(
             tokio::time::sleep(grace).await;
         } => tracing::warn!(?grace, "grace period over; stopping with jobs still running"),
     }
+    // Submissions already running get what is left of the grace; the others run at the next
+    // start, from the store.
+    agent.submissions().settle(grace).await;
+    agent.submissions().shutdown();
     // Tell gateways we are going, then clean up everything this node owns.
     if !agent.config().gateways.is_empty() {
         let client = reqwest::Client::builder()

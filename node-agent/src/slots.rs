@@ -124,6 +124,25 @@ impl Slots {
     }
 }
 
+impl Slots {
+    /// Waits for a slot however long it takes, outside the bounded queue (which is for callers
+    /// holding a connection open): a stored submission's turn. Waiters are served in order, so
+    /// it takes its place in line with the jobs queued before it.
+    pub async fn take_background(self: &Arc<Self>) -> Slot {
+        let permit = self
+            .semaphore
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the slot semaphore is never closed");
+        self.busy.fetch_add(1, Ordering::SeqCst);
+        Slot {
+            slots: self.clone(),
+            _permit: permit,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,6 +1,7 @@
-//! Node ids and session ids, parsed and formatted here only: a node id is 1-64 of
-//! `A-Z a-z 0-9 _ -`; a session id is `se_<16 hex digits>.<node id>`, so any gateway can tell
-//! from the id alone which node holds the session.
+//! Node ids, session ids and submission tokens, parsed and formatted here only: a node id is
+//! 1-64 of `A-Z a-z 0-9 _ -`; a session id is `se_<16 hex digits>.<node id>` and a submission
+//! token `sb_<32 hex digits>.<node id>`, so any gateway can tell from the id alone which node
+//! holds the session or the submission.
 
 use std::fmt;
 use std::str::FromStr;
@@ -14,6 +15,7 @@ pub const NODE_ID_RULE: &str = "1-64 of A-Z a-z 0-9 _ -";
 pub enum IdError {
     NodeId,
     SessionId,
+    SubmissionId,
 }
 
 impl fmt::Display for IdError {
@@ -21,6 +23,9 @@ impl fmt::Display for IdError {
         match self {
             IdError::NodeId => write!(f, "a node id is {NODE_ID_RULE}"),
             IdError::SessionId => f.write_str("a session id is se_<letters, digits, _>.<node id>"),
+            IdError::SubmissionId => {
+                f.write_str("a submission token is sb_<letters, digits, _>.<node id>")
+            }
         }
     }
 }
@@ -93,17 +98,8 @@ impl SessionId {
     }
 
     pub fn parse(id: &str) -> Result<SessionId, IdError> {
-        let (key, node) = id.split_once('.').ok_or(IdError::SessionId)?;
-        let key_ok =
-            key.starts_with("se_") && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-        if !key_ok {
-            return Err(IdError::SessionId);
-        }
-        let node = NodeId::parse(node).map_err(|_| IdError::SessionId)?;
-        Ok(SessionId {
-            key: key.to_string(),
-            node,
-        })
+        let (key, node) = split_keyed(id, "se_").ok_or(IdError::SessionId)?;
+        Ok(SessionId { key, node })
     }
 }
 
@@ -122,6 +118,61 @@ impl fmt::Display for SessionId {
 }
 
 impl fmt::Debug for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.to_string(), f)
+    }
+}
+
+/// `<prefix><letters, digits, _>.<node id>` split into its key and node.
+fn split_keyed(id: &str, prefix: &str) -> Option<(String, NodeId)> {
+    let (key, node) = id.split_once('.')?;
+    let key_ok =
+        key.starts_with(prefix) && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if !key_ok {
+        return None;
+    }
+    Some((key.to_string(), NodeId::parse(node).ok()?))
+}
+
+/// A submission's token: `sb_<key>.<node>`, where the node keeps the submission. An agent makes
+/// one with [`SubmissionId::new`]; a gateway parses it to send a poll or a cancel to `node`.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct SubmissionId {
+    /// `sb_` and then letters, digits and `_` (32 hex digits in the tokens agents make).
+    key: String,
+    pub node: NodeId,
+}
+
+impl SubmissionId {
+    /// A new token on `node`; `random` makes it unguessable (the agent passes 128 random bits).
+    pub fn new(node: NodeId, random: u128) -> SubmissionId {
+        SubmissionId {
+            key: format!("sb_{random:032x}"),
+            node,
+        }
+    }
+
+    pub fn parse(id: &str) -> Result<SubmissionId, IdError> {
+        let (key, node) = split_keyed(id, "sb_").ok_or(IdError::SubmissionId)?;
+        Ok(SubmissionId { key, node })
+    }
+}
+
+impl FromStr for SubmissionId {
+    type Err = IdError;
+
+    fn from_str(id: &str) -> Result<SubmissionId, IdError> {
+        SubmissionId::parse(id)
+    }
+}
+
+impl fmt::Display for SubmissionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.key, self.node)
+    }
+}
+
+impl fmt::Debug for SubmissionId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(&self.to_string(), f)
     }
@@ -202,5 +253,28 @@ mod tests {
             SessionId::new(node, 0xab).to_string(),
             "se_00000000000000ab.n-1"
         );
+    }
+
+    #[test]
+    fn submission_tokens_name_their_node() {
+        let node = NodeId::parse("n-1").unwrap();
+        let token = SubmissionId::new(node, 0xab).to_string();
+        assert_eq!(token, format!("sb_{:032x}.n-1", 0xab));
+        assert_eq!(SubmissionId::parse(&token).unwrap().node.as_str(), "n-1");
+        let table: &[(&str, Option<&str>)] = &[
+            ("sb_00ff.agent-2", Some("agent-2")),
+            ("se_00ff.agent-2", None),
+            ("sb_00ff", None),
+            ("sb_00-ff.n1", None),
+            ("sb_00ff.n1.n2", None),
+            ("sb_00ff.", None),
+        ];
+        for (id, node) in table {
+            let parsed = SubmissionId::parse(id).ok();
+            assert_eq!(parsed.as_ref().map(|s| s.node.as_str()), *node, "{id:?}");
+            if let Some(parsed) = parsed {
+                assert_eq!(parsed.to_string(), *id, "round trip");
+            }
+        }
     }
 }
