@@ -20,22 +20,22 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{from_fn_with_state, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
 use codefleet_http_edge::ForeignError;
-use codefleet_shared::api::{ExecuteRequest, ExecuteResponse, ResolvedLimits};
+use codefleet_shared::api::{ExecuteResponse, ResolvedLimits};
 use codefleet_shared::cluster::NodeState;
-use codefleet_shared::judge::{check_judge, judge_budget, JudgeResponse};
-use codefleet_shared::submission::{Submission, SubmissionRequest};
+use codefleet_shared::judge::JudgeResponse;
+use codefleet_shared::submission::SubmissionRequest;
 use codefleet_shared::ErrorCode;
 use futures_util::future::join_all;
 use serde_json::{json, Map, Value};
 
-use crate::dispatch::{call_bound, job_timeout, place, Delivery, Job};
+use crate::dispatch::{job_timeout, place, Delivery, Job};
 use crate::error::GatewayError;
 use crate::handlers::{check_job, resolve_language};
 use crate::Gateway;
@@ -196,22 +196,32 @@ fn prepare(
     base64: bool,
 ) -> Result<(Checked, Resolved), Response> {
     let max = gw.config().max_limits();
-    let checked = submission::check(body, base64, &max, max_extract(gw))
-        .map_err(|errors| answer(StatusCode::UNPROCESSABLE_ENTITY, json!(errors)))?;
     let snapshot = gw.snapshot();
-    let entry = checked.language;
-    let Some(runtime) = languages::resolve(&snapshot, &entry) else {
-        if snapshot
+    // A language of Judge0's that no node of this fleet serves does not exist here.
+    let served = |entry: &languages::Judge0Language| {
+        snapshot
             .catalog
             .languages()
             .any(|l| l.name == entry.language)
-        {
+    };
+    let unknown = |id: u32| format!("language with id {id} doesn't exist");
+    let checked =
+        submission::check(body, base64, &max, max_extract(gw)).map_err(|mut errors| {
+            let entry = body.get("language_id").and_then(Value::as_u64);
+            let entry = entry.and_then(|id| languages::by_id(u32::try_from(id).ok()?));
+            if let Some(entry) = entry.filter(|e| !served(e)) {
+                errors.insert("language_id".to_string(), vec![unknown(entry.id)]);
+            }
+            answer(StatusCode::UNPROCESSABLE_ENTITY, json!(errors))
+        })?;
+    let entry = checked.language;
+    let Some(runtime) = languages::resolve(&snapshot, &entry) else {
+        if served(&entry) {
             return Err(failure(GatewayError::LanguageUnavailable {
                 language: entry.language.to_string(),
             }));
         }
-        let message = format!("language with id {} doesn't exist", entry.id);
-        let errors = json!({"language_id": [message]});
+        let errors = json!({"language_id": [unknown(entry.id)]});
         return Err(answer(StatusCode::UNPROCESSABLE_ENTITY, errors));
     };
     Ok((checked, runtime))
@@ -228,21 +238,23 @@ struct Placement {
 
 fn placement(gw: &Gateway, native: &Native) -> Result<Placement, GatewayError> {
     let margin = gw.config().dispatch_margin();
-    let (program, timeout): (&ExecuteRequest, Duration) = match native {
-        Native::Execute(request) => (request, job_timeout(&check_job(gw, request)?, margin)),
+    let snapshot = gw.snapshot();
+    let (program, language, runtime, timeout) = match native {
+        Native::Execute(request) => {
+            let limits = check_job(gw, request)?;
+            let version = request.version.as_deref();
+            let (info, runtime) =
+                resolve_language(&snapshot, request.language.as_deref(), version)?;
+            (request, info, runtime, job_timeout(&limits, margin))
+        }
         Native::Judge(request) => {
-            check_judge(request).map_err(GatewayError::Invalid)?;
-            let limits = check_job(gw, &request.program)?;
-            let tests: Vec<ResolvedLimits> = vec![limits; request.tests.iter().flatten().count()];
-            let budget = judge_budget(&limits, &tests, None) + margin;
-            (&request.program, budget)
+            let checked = crate::judge::check(gw, &snapshot, request)?;
+            let timeout = checked.budget + margin;
+            (&request.program, checked.language, checked.runtime, timeout)
         }
     };
-    let snapshot = gw.snapshot();
-    let version = program.version.as_deref();
-    let (info, runtime) = resolve_language(&snapshot, program.language.as_deref(), version)?;
     Ok(Placement {
-        language: info.name.clone(),
+        language: language.name.clone(),
         version: program.version.clone(),
         runtime: runtime.to_string(),
         timeout,
@@ -319,12 +331,8 @@ async fn run_now(
     }
 }
 
-/// How long a node may take to take a submission in (it answers at once) or answer a poll.
-const STORE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// `wait=false`: a native asynchronous submission; its Judge0 token.
+/// `wait=false`: a native asynchronous submission (`POST /v1/submissions`); its Judge0 token.
 async fn submit(gw: &Gateway, checked: &Checked, native: &Native) -> Result<String, GatewayError> {
-    let placement = placement(gw, native)?;
     let request = match native.clone() {
         Native::Execute(execute) => SubmissionRequest {
             execute: Some(execute),
@@ -336,18 +344,7 @@ async fn submit(gw: &Gateway, checked: &Checked, native: &Native) -> Result<Stri
         },
     };
     let body = serde_json::to_vec(&request).expect("requests serialize");
-    let timeout = STORE_TIMEOUT + gw.config().dispatch_margin();
-    let stored = send(
-        gw,
-        &placement,
-        "/v1/submissions",
-        body.into(),
-        timeout,
-        StatusCode::ACCEPTED,
-    )
-    .await?;
-    let stored: Submission =
-        serde_json::from_slice(&stored).map_err(|e| unreadable("a submission", e))?;
+    let stored = crate::submissions::submit(gw, &request, body.into(), &mut None).await?;
     let facts = TokenFacts {
         language_id: checked.language.id,
         expected: checked.expected_output.is_some(),
@@ -405,12 +402,6 @@ async fn fetch(gw: &Gateway, token: &str) -> Result<Option<Record>, GatewayError
     let Some((native, facts)) = submission::parse_token(token) else {
         return Ok(None);
     };
-    let Some((_, node)) = native.split_once('.') else {
-        return Ok(None);
-    };
-    let Some((handle, state)) = gw.node(node) else {
-        return Ok(None);
-    };
     let snapshot = gw.snapshot();
     let runtime =
         languages::by_id(facts.language_id).and_then(|e| languages::resolve(&snapshot, e));
@@ -428,32 +419,27 @@ async fn fetch(gw: &Gateway, token: &str) -> Result<Option<Record>, GatewayError
         created_at_ms,
         finished_at_ms,
     };
-    let lost = |why: String| {
-        let message = format!("node_lost: {why}");
-        let outcome = submission::Outcome::failed(submission::INTERNAL_ERROR, message);
-        let status = submission::INTERNAL_ERROR;
-        Ok(Some(submission::record(facts_of(
-            status,
-            Some(outcome),
-            None,
-            None,
-        ))))
-    };
-    if state == NodeState::Down {
-        return lost(format!("node {node} holding the submission is down"));
-    }
-    let path = format!("/v1/submissions/{native}");
-    let reply = call_bound(gw, &handle, Method::GET, &path, None, STORE_TIMEOUT).await;
-    let body = match reply.and_then(|reply| reply.expect(StatusCode::OK, &handle.id)) {
-        Ok(body) => body,
-        Err(GatewayError::NodeLost { reason, .. }) => return lost(reason),
+    let stored = match crate::submissions::poll(gw, native).await {
+        Ok(stored) => stored,
+        // The node that kept it is gone: Judge0 has no such state, its clients know an
+        // internal error as final.
+        Err(GatewayError::NodeLost { reason, .. }) => {
+            let message = format!("node_lost: {reason}");
+            let outcome = submission::Outcome::failed(submission::INTERNAL_ERROR, message);
+            let status = submission::INTERNAL_ERROR;
+            return Ok(Some(submission::record(facts_of(
+                status,
+                Some(outcome),
+                None,
+                None,
+            ))));
+        }
+        Err(GatewayError::NotFound(_)) => return Ok(None),
         Err(GatewayError::Agent { problem, .. }) if problem.code == ErrorCode::NotFound => {
             return Ok(None)
         }
         Err(failed) => return Err(failed),
     };
-    let stored: Submission =
-        serde_json::from_slice(&body).map_err(|e| unreadable("a submission", e))?;
     let (status, outcome) = submission::stored(&stored, facts);
     Ok(Some(submission::record(facts_of(
         status,
