@@ -7,6 +7,8 @@
 //! otherwise as a native asynchronous submission (`POST /v1/submissions` on a node, polled with
 //! `GET /v1/submissions/{token}` on the node the token names). The native API is untouched.
 //!
+//! The routes are in `handlers::router`, beside the native ones.
+//!
 //! - `languages`: Judge0's language ids, mapped to the fleet's runtimes.
 //! - `submission`: the translation both ways, pure.
 //! - `zip`: the reader for `additional_files`.
@@ -21,10 +23,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::middleware::{from_fn_with_state, Next};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use bytes::Bytes;
 use codefleet_http_edge::ForeignError;
 use codefleet_shared::api::{ExecuteResponse, ResolvedLimits};
@@ -45,21 +46,6 @@ use submission::{Checked, Facts, Native, Record, TokenFacts};
 /// The version `/about` reports. The official Python client looks its language aliases up by
 /// it, and knows only Judge0's own version strings.
 pub const JUDGE0_VERSION: &str = "1.13.1";
-
-/// The Judge0 routes; merged into the gateway's router.
-pub fn router(gw: Arc<Gateway>) -> Router<Arc<Gateway>> {
-    Router::new()
-        .route("/submissions", post(create))
-        .route("/submissions/batch", post(create_batch).get(show_batch))
-        .route("/submissions/{token}", get(show))
-        .route("/languages", get(list_languages))
-        .route("/languages/{id}", get(show_language))
-        .route("/statuses", get(statuses))
-        .route("/about", get(about))
-        .route("/config_info", get(config_info))
-        .route("/workers", get(workers))
-        .route_layer(from_fn_with_state(gw, auth))
-}
 
 /// A Judge0-shaped answer (`{"error": ...}` or field errors for an error status).
 fn answer(status: StatusCode, body: Value) -> Response {
@@ -111,7 +97,7 @@ fn failure(failed: GatewayError) -> Response {
 
 /// Judge0's authentication mapped onto the API keys: the key in `X-Auth-Token` (Judge0's
 /// header) or as `Authorization: Bearer`, counted against the key's quotas like any request.
-async fn auth(State(gw): State<Arc<Gateway>>, request: Request, next: Next) -> Response {
+pub(crate) async fn auth(State(gw): State<Arc<Gateway>>, request: Request, next: Next) -> Response {
     let headers = request.headers();
     let token = headers
         .get("x-auth-token")
@@ -166,10 +152,13 @@ async fn read_object(gw: &Gateway, request: Request) -> Result<Map<String, Value
     let limit = gw.config().max_body_bytes;
     let raw = codefleet_http_edge::read_body(&parts.headers, body, limit)
         .await
-        .map_err(|e| {
-            let problem = e.problem();
-            let status = StatusCode::from_u16(problem.status).unwrap_or(StatusCode::BAD_REQUEST);
-            error(status, problem.detail)
+        // A body too large or too slow is the HTTP layer's refusal: problem+json, as on every
+        // route.
+        .map_err(|e| match e {
+            codefleet_http_edge::BodyError::TooLarge { limit } => {
+                GatewayError::PayloadTooLarge { limit }.into_response()
+            }
+            other => codefleet_http_edge::problem_response(&other.problem()),
         })?;
     let depth = codefleet_shared::validate::json_depth(&raw);
     if depth > gw.config().max_json_depth {
@@ -353,7 +342,7 @@ async fn submit(gw: &Gateway, checked: &Checked, native: &Native) -> Result<Stri
     Ok(submission::token(&stored.token, facts))
 }
 
-async fn create(
+pub(crate) async fn create(
     State(gw): State<Arc<Gateway>>,
     Query(query): Query<HashMap<String, String>>,
     request: Request,
@@ -449,7 +438,7 @@ async fn fetch(gw: &Gateway, token: &str) -> Result<Option<Record>, GatewayError
     ))))
 }
 
-async fn show(
+pub(crate) async fn show(
     State(gw): State<Arc<Gateway>>,
     Path(token): Path<String>,
     Query(query): Query<HashMap<String, String>>,
@@ -483,7 +472,7 @@ fn batch_size(n: usize) -> Result<(), Response> {
     }
 }
 
-async fn show_batch(
+pub(crate) async fn get_batch(
     State(gw): State<Arc<Gateway>>,
     headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
@@ -515,7 +504,7 @@ async fn show_batch(
     answer(StatusCode::OK, json!({"submissions": submissions}))
 }
 
-async fn create_batch(
+pub(crate) async fn post_batch(
     State(gw): State<Arc<Gateway>>,
     Query(query): Query<HashMap<String, String>>,
     request: Request,
@@ -574,11 +563,11 @@ async fn entry_errors(response: Response) -> Value {
     serde_json::from_slice(&body).unwrap_or(Value::Null)
 }
 
-async fn list_languages(State(gw): State<Arc<Gateway>>) -> Response {
+pub(crate) async fn languages(State(gw): State<Arc<Gateway>>) -> Response {
     answer(StatusCode::OK, languages::list(&gw.snapshot()))
 }
 
-async fn show_language(State(gw): State<Arc<Gateway>>, Path(id): Path<String>) -> Response {
+pub(crate) async fn language(State(gw): State<Arc<Gateway>>, Path(id): Path<String>) -> Response {
     let snapshot = gw.snapshot();
     let found = id
         .parse()
@@ -591,12 +580,12 @@ async fn show_language(State(gw): State<Arc<Gateway>>, Path(id): Path<String>) -
     }
 }
 
-async fn statuses() -> Response {
+pub(crate) async fn statuses() -> Response {
     let all: Vec<Value> = (1..=14).map(submission::status_json).collect();
     answer(StatusCode::OK, Value::Array(all))
 }
 
-async fn about() -> Response {
+pub(crate) async fn about() -> Response {
     answer(
         StatusCode::OK,
         json!({
@@ -618,7 +607,7 @@ fn fleet_slots(gw: &Gateway) -> (u32, u32) {
         })
 }
 
-async fn config_info(State(gw): State<Arc<Gateway>>) -> Response {
+pub(crate) async fn config_info(State(gw): State<Arc<Gateway>>) -> Response {
     let config = gw.config();
     let (default, max) = (ResolvedLimits::DEFAULT, config.max_limits());
     let seconds = |ms: u64| ms as f64 / 1000.0;
@@ -673,7 +662,7 @@ async fn config_info(State(gw): State<Arc<Gateway>>) -> Response {
 
 /// Judge0's one queue, as the fleet: its jobs waiting at this gateway, and the ready nodes'
 /// slots as workers.
-async fn workers(State(gw): State<Arc<Gateway>>) -> Response {
+pub(crate) async fn workers(State(gw): State<Arc<Gateway>>) -> Response {
     let (total, busy) = fleet_slots(&gw);
     let waiting = gw.waiting.load(std::sync::atomic::Ordering::Relaxed);
     answer(
