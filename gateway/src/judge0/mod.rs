@@ -130,9 +130,9 @@ struct Params {
 impl Params {
     /// As Judge0 1.13.1 reads them: `base64_encoded` and `wait` only when `true`; an unknown
     /// field is its 400.
-    fn of(query: &HashMap<String, String>) -> Result<Params, Response> {
+    fn of(query: &HashMap<String, String>) -> Result<Params, Box<Response>> {
         let fields = submission::parse_fields(query.get("fields").map(String::as_str))
-            .map_err(|e| error(StatusCode::BAD_REQUEST, e))?;
+            .map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, e)))?;
         Ok(Params {
             base64: query.get("base64_encoded").is_some_and(|v| v == "true"),
             wait: query.get("wait").is_some_and(|v| v == "true"),
@@ -147,34 +147,36 @@ fn max_extract(gw: &Gateway) -> usize {
 }
 
 /// A JSON object body, within the gateway's body limits.
-async fn read_object(gw: &Gateway, request: Request) -> Result<Map<String, Value>, Response> {
+async fn read_object(gw: &Gateway, request: Request) -> Result<Map<String, Value>, Box<Response>> {
     let (parts, body) = request.into_parts();
     let limit = gw.config().max_body_bytes;
     let raw = codefleet_http_edge::read_body(&parts.headers, body, limit)
         .await
         // A body too large or too slow is the HTTP layer's refusal: problem+json, as on every
         // route.
-        .map_err(|e| match e {
-            codefleet_http_edge::BodyError::TooLarge { limit } => {
-                GatewayError::PayloadTooLarge { limit }.into_response()
-            }
-            other => codefleet_http_edge::problem_response(&other.problem()),
+        .map_err(|e| {
+            Box::new(match e {
+                codefleet_http_edge::BodyError::TooLarge { limit } => {
+                    GatewayError::PayloadTooLarge { limit }.into_response()
+                }
+                other => codefleet_http_edge::problem_response(&other.problem()),
+            })
         })?;
     let depth = codefleet_shared::validate::json_depth(&raw);
     if depth > gw.config().max_json_depth {
         let detail = format!("JSON nested {depth} deep");
-        return Err(error(StatusCode::BAD_REQUEST, detail));
+        return Err(Box::new(error(StatusCode::BAD_REQUEST, detail)));
     }
     match serde_json::from_slice(&raw) {
         Ok(Value::Object(body)) => Ok(body),
-        Ok(_) => Err(error(
+        Ok(_) => Err(Box::new(error(
             StatusCode::BAD_REQUEST,
             "the body must be a JSON object",
-        )),
-        Err(e) => Err(error(
+        ))),
+        Err(e) => Err(Box::new(error(
             StatusCode::BAD_REQUEST,
             format!("malformed JSON: {e}"),
-        )),
+        ))),
     }
 }
 
@@ -183,7 +185,7 @@ fn prepare(
     gw: &Gateway,
     body: &Map<String, Value>,
     base64: bool,
-) -> Result<(Checked, Resolved), Response> {
+) -> Result<(Checked, Resolved), Box<Response>> {
     let max = gw.config().max_limits();
     let snapshot = gw.snapshot();
     // A language of Judge0's that no node of this fleet serves does not exist here.
@@ -206,12 +208,12 @@ fn prepare(
     let entry = checked.language;
     let Some(runtime) = languages::resolve(&snapshot, &entry) else {
         if served(&entry) {
-            return Err(failure(GatewayError::LanguageUnavailable {
+            return Err(Box::new(failure(GatewayError::LanguageUnavailable {
                 language: entry.language.to_string(),
-            }));
+            })));
         }
         let errors = json!({"language_id": [unknown(entry.id)]});
-        return Err(answer(StatusCode::UNPROCESSABLE_ENTITY, errors));
+        return Err(Box::new(answer(StatusCode::UNPROCESSABLE_ENTITY, errors)));
     };
     Ok((checked, runtime))
 }
@@ -350,15 +352,15 @@ pub(crate) async fn create(
     let created_at = now_ms();
     let params = match Params::of(&query) {
         Ok(params) => params,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let prepared = match read_object(&gw, request).await {
         Ok(body) => prepare(&gw, &body, params.base64),
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let (checked, runtime) = match prepared {
         Ok(prepared) => prepared,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let native = Native::of(&checked, &runtime);
     if !params.wait {
@@ -445,7 +447,7 @@ pub(crate) async fn show(
 ) -> Response {
     let params = match Params::of(&query) {
         Ok(params) => params,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     match fetch(&gw, &token).await {
         Ok(Some(record)) => answer(StatusCode::OK, record.select(&params.fields, params.base64)),
@@ -455,19 +457,19 @@ pub(crate) async fn show(
 }
 
 /// Judge0's batch-size rule, for both batch routes.
-fn batch_size(n: usize) -> Result<(), Response> {
+fn batch_size(n: usize) -> Result<(), Box<Response>> {
     match n {
-        0 => Err(error(
+        0 => Err(Box::new(error(
             StatusCode::BAD_REQUEST,
             "there should be at least one submission in a batch",
-        )),
-        n if n > submission::MAX_BATCH => Err(error(
+        ))),
+        n if n > submission::MAX_BATCH => Err(Box::new(error(
             StatusCode::BAD_REQUEST,
             format!(
                 "number of submissions in a batch should be less than or equal to {}",
                 submission::MAX_BATCH
             ),
-        )),
+        ))),
         _ => Ok(()),
     }
 }
@@ -479,7 +481,7 @@ pub(crate) async fn get_batch(
 ) -> Response {
     let params = match Params::of(&query) {
         Ok(params) => params,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let tokens = headers
         .get("tokens")
@@ -488,7 +490,7 @@ pub(crate) async fn get_batch(
         .unwrap_or_default();
     let tokens: Vec<&str> = tokens.trim().split(',').filter(|t| !t.is_empty()).collect();
     if let Err(response) = batch_size(tokens.len()) {
-        return response;
+        return *response;
     }
     let found = join_all(tokens.iter().map(|t| fetch(&gw, t))).await;
     let mut submissions = Vec::with_capacity(found.len());
@@ -512,7 +514,7 @@ pub(crate) async fn post_batch(
     let base64 = query.get("base64_encoded").is_some_and(|v| v == "true");
     let body = match read_object(&gw, request).await {
         Ok(body) => body,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let Some(Value::Array(entries)) = body.get("submissions") else {
         return error(
@@ -521,13 +523,13 @@ pub(crate) async fn post_batch(
         );
     };
     if let Err(response) = batch_size(entries.len()) {
-        return response;
+        return *response;
     }
     let one = |entry: &Value| {
         let gw = &gw;
         let entry = entry.as_object().cloned().unwrap_or_default();
         async move {
-            let (checked, runtime) = prepare(gw, &entry, base64)?;
+            let (checked, runtime) = prepare(gw, &entry, base64).map_err(|r| *r)?;
             let native = Native::of(&checked, &runtime);
             submit(gw, &checked, &native).await.map_err(failure)
         }
