@@ -274,10 +274,11 @@ async fn send(
     placed.reply.expect(expected, &placed.node)
 }
 
-fn unreadable(what: &str, e: serde_json::Error) -> GatewayError {
+/// A node's answer that does not parse as what `path` answers.
+fn unreadable(path: &str, e: serde_json::Error) -> GatewayError {
     GatewayError::BadAnswer {
         node: "?".to_string(),
-        detail: format!("not {what}: {e}"),
+        detail: format!("not an answer of {path}: {e}"),
     }
 }
 
@@ -288,38 +289,30 @@ async fn run_now(
     native: &Native,
 ) -> Result<submission::Outcome, GatewayError> {
     let placement = placement(gw, native)?;
-    let timeout = placement.timeout;
     match native {
         Native::Execute(request) => {
-            let body = serde_json::to_vec(request).expect("requests serialize");
-            let answer = send(
-                gw,
-                &placement,
-                "/v1/execute",
-                body.into(),
-                timeout,
-                StatusCode::OK,
-            );
-            let answer: ExecuteResponse = serde_json::from_slice(&answer.await?)
-                .map_err(|e| unreadable("an execute response", e))?;
+            let answer: ExecuteResponse = ask(gw, &placement, "/v1/execute", request).await?;
             Ok(submission::from_execute(&answer, checked.redirect))
         }
         Native::Judge(request) => {
-            let body = serde_json::to_vec(request).expect("requests serialize");
-            let answer = send(
-                gw,
-                &placement,
-                "/v1/judge",
-                body.into(),
-                timeout,
-                StatusCode::OK,
-            );
-            let answer: JudgeResponse = serde_json::from_slice(&answer.await?)
-                .map_err(|e| unreadable("a judge response", e))?;
+            let answer: JudgeResponse = ask(gw, &placement, "/v1/judge", request).await?;
             let expected = checked.expected_output.is_some();
             Ok(submission::from_judge(&answer, expected, checked.redirect))
         }
     }
+}
+
+/// A synchronous native endpoint's `200` answer to `request`.
+async fn ask<T: serde::de::DeserializeOwned>(
+    gw: &Gateway,
+    placement: &Placement,
+    path: &'static str,
+    request: &impl serde::Serialize,
+) -> Result<T, GatewayError> {
+    let body = serde_json::to_vec(request).expect("requests serialize");
+    let timeout = placement.timeout;
+    let answer = send(gw, placement, path, body.into(), timeout, StatusCode::OK).await?;
+    serde_json::from_slice(&answer).map_err(|e| unreadable(path, e))
 }
 
 /// `wait=false`: a native asynchronous submission (`POST /v1/submissions`); its Judge0 token.

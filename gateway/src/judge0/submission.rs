@@ -207,16 +207,7 @@ pub fn decode(text: &str) -> Option<Vec<u8>> {
 /// Unix milliseconds as Rails writes a time: `2026-01-31T12:00:00.123Z`.
 pub fn timestamp(unix_ms: u64) -> String {
     let (days, ms) = ((unix_ms / 86_400_000) as i64, unix_ms % 86_400_000);
-    // Days since 1970-01-01 to a civil date (proleptic Gregorian), by 400-year eras.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
+    let (year, month, day) = codefleet_shared::time::civil_from_days(days);
     let (h, m, s, milli) = (
         ms / 3_600_000,
         ms / 60_000 % 60,
