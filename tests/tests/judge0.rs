@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use codefleet_tests::{assert_nothing_left, Answer, Api, Cluster, StatusCode};
+use codefleet_tests::{assert_nothing_left, Answer, Api, Cluster, StatusCode, TestGateway};
 use serde_json::{json, Value};
 
 /// The API key the gateways of these tests take (`X-Auth-Token` carries it).
@@ -141,6 +141,15 @@ impl Judge0 {
             .post(url)
             .header("X-Auth-Token", KEY)
             .json(body);
+        codefleet_tests::send(request).await
+    }
+
+    async fn post_raw(&self, path: &str, body: &'static str) -> Answer {
+        let url = format!("{}{path}", self.api.url);
+        let request = self.api.http.post(url).header("X-Auth-Token", KEY);
+        let request = request
+            .header("content-type", "application/json")
+            .body(body);
         codefleet_tests::send(request).await
     }
 
@@ -364,5 +373,66 @@ async fn the_http_surface_speaks_judge0() {
         StatusCode::BAD_REQUEST,
     );
 
+    // The Judge0 layer's own metrics, beside the requests its routes count.
+    let metrics = cluster.gateway.api(None).get("/metrics").await;
+    let text = metrics.body.as_str().unwrap_or_default();
+    assert!(
+        text.contains("codefleet_judge0_submissions_total{mode=\"wait\"}"),
+        "{text}"
+    );
+    assert!(
+        text.contains("codefleet_judge0_results_total{status=\"4\"}"),
+        "{text}"
+    );
+
     assert_nothing_left(cluster.stop().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn before_any_node_reports_submissions_are_refused_as_a_full_judge0_queue() {
+    let mut gateway = TestGateway::start(&["--api-key".to_string(), KEY.to_string()]).await;
+    let j = Judge0 {
+        api: gateway.api(None),
+    };
+    let body = json!({"source_code": "print(1)", "language_id": 71});
+    let full = j.post("/submissions?wait=true", &body).await;
+    assert_judge0_error(&full, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        full.body["error"].as_str().unwrap().contains("python"),
+        "{full:?}"
+    );
+    assert!(full.headers.contains_key("retry-after"), "{full:?}");
+    let batch = j
+        .post("/submissions/batch", &json!({"submissions": [body]}))
+        .await;
+    assert_judge0_error(&batch, StatusCode::SERVICE_UNAVAILABLE);
+    // The input is still checked first.
+    let blank = j.post("/submissions", &json!({"language_id": 71})).await;
+    assert_judge0_error(&blank, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(blank.body, json!({"source_code": ["can't be blank"]}));
+    assert_eq!(j.get("/languages").await.body, json!([]));
+    let malformed = j.post_raw("/submissions", "{").await;
+    assert_judge0_error(&malformed, StatusCode::BAD_REQUEST);
+    assert!(malformed.body["error"]
+        .as_str()
+        .unwrap()
+        .starts_with("malformed JSON"));
+    assert_judge0_error(&j.get("/submissions/batch").await, StatusCode::BAD_REQUEST);
+    let empty = j
+        .post("/submissions/batch", &json!({"submissions": []}))
+        .await;
+    assert_eq!(
+        empty.body["error"],
+        "there should be at least one submission in a batch"
+    );
+    // The HTTP layer's refusals stay problem+json on these routes too.
+    let put = j
+        .api
+        .http
+        .put(format!("{}/submissions", j.api.url))
+        .header("X-Auth-Token", KEY);
+    let put = codefleet_tests::send(put).await;
+    assert_eq!(put.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(put.headers["content-type"], "application/problem+json");
+    gateway.stop().await;
 }

@@ -39,6 +39,7 @@ use serde_json::{json, Map, Value};
 use crate::dispatch::{job_timeout, place, Delivery, Job};
 use crate::error::GatewayError;
 use crate::handlers::{check_job, resolve_language};
+use crate::metrics::{self, LanguageLabel};
 use crate::Gateway;
 use languages::Resolved;
 use submission::{Checked, Facts, Native, Record, TokenFacts};
@@ -188,12 +189,14 @@ fn prepare(
 ) -> Result<(Checked, Resolved), Box<Response>> {
     let max = gw.config().max_limits();
     let snapshot = gw.snapshot();
-    // A language of Judge0's that no node of this fleet serves does not exist here.
+    // A language of Judge0's that no node of this fleet serves does not exist here; before any
+    // node has reported, nothing is known, so nothing is unknown either (503, as natively).
     let served = |entry: &languages::Judge0Language| {
-        snapshot
-            .catalog
-            .languages()
-            .any(|l| l.name == entry.language)
+        snapshot.catalog.is_empty()
+            || snapshot
+                .catalog
+                .languages()
+                .any(|l| l.name == entry.language)
     };
     let unknown = |id: u32| format!("language with id {id} doesn't exist");
     let checked =
@@ -334,6 +337,7 @@ async fn submit(gw: &Gateway, checked: &Checked, native: &Native) -> Result<Stri
         expected: checked.expected_output.is_some(),
         redirect: checked.redirect,
     };
+    metrics::judge0_submission("async");
     Ok(submission::token(&stored.token, facts))
 }
 
@@ -356,17 +360,35 @@ pub(crate) async fn create(
         Err(response) => return *response,
     };
     let native = Native::of(&checked, &runtime);
-    if !params.wait {
-        return match submit(&gw, &checked, &native).await {
+    let mut response = if !params.wait {
+        match submit(&gw, &checked, &native).await {
             Ok(token) => answer(StatusCode::CREATED, json!({"token": token})),
             Err(failed) => failure(failed),
-        };
-    }
-    match run_now(&gw, &checked, &native).await {
+        }
+    } else {
+        waited(&gw, &checked, &runtime, &native, &params, created_at).await
+    };
+    let language = runtime.entry.language.to_string();
+    response.extensions_mut().insert(LanguageLabel(language));
+    response
+}
+
+/// `wait=true`: the submission run now, answered with the fields asked for.
+async fn waited(
+    gw: &Gateway,
+    checked: &Checked,
+    runtime: &Resolved,
+    native: &Native,
+    params: &Params,
+    created_at: u64,
+) -> Response {
+    match run_now(gw, checked, native).await {
         Ok(outcome) => {
+            metrics::judge0_submission("wait");
+            metrics::judge0_result(outcome.status);
             let record = submission::record(Facts {
                 token: None,
-                language: Some(&runtime),
+                language: Some(runtime),
                 language_id: runtime.entry.id,
                 echo: Some(&checked.echo),
                 status: outcome.status,
