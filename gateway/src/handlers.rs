@@ -29,6 +29,7 @@ use crate::membership::{NodeHandle, Snapshot};
 use crate::metrics::{self, LanguageLabel};
 use crate::routing::NodeId;
 use crate::stream::{self, StreamLimits};
+use crate::submissions as subs;
 use crate::{connect, Gateway};
 
 /// The OpenAPI description of docs/api.md, checked in beside the crate.
@@ -44,11 +45,9 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/v1/sessions", post(create_session))
         .route("/v1/sessions/{id}/execute", post(session_execute))
         .route("/v1/sessions/{id}", delete(delete_session))
-        .route("/v1/submissions", post(crate::submissions::create))
-        .route(
-            "/v1/submissions/{token}",
-            get(crate::submissions::get).delete(crate::submissions::cancel),
-        )
+        .route("/v1/submissions", post(subs::create))
+        .route("/v1/submissions/{token}", get(subs::get))
+        .route("/v1/submissions/{token}", delete(subs::cancel))
         .route_layer(from_fn_with_state(Arc::clone(&gw), edge::client_auth));
     let admin = Router::new()
         .route("/v1/nodes", get(list_nodes))

@@ -459,4 +459,36 @@ mod tests {
             "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
         );
     }
+
+    fn sender(allow: &[&str]) -> Sender {
+        Sender {
+            secret: Some("k".to_string()),
+            allow: Allowlist::new(&allow.iter().map(|a| a.to_string()).collect::<Vec<_>>()),
+            attempts: 1,
+            backoff: Duration::from_millis(1),
+            timeout: Duration::from_secs(1),
+        }
+    }
+
+    /// A host name is checked for what it resolves to when the callback is sent (here
+    /// `localhost`, which every resolver maps to loopback), not when the submission came.
+    #[tokio::test]
+    async fn names_are_checked_at_delivery_for_every_address_they_resolve_to() {
+        let target = Target {
+            url: Url::parse("http://localhost:9/hook").unwrap(),
+            host: Host::Name("localhost".to_string()),
+            port: 9,
+        };
+        let refused = sender(&[]).address(&target).await.unwrap_err();
+        assert_eq!(refused.reason, "refused", "{refused:?}");
+        assert!(!refused.retry);
+        assert!(refused.detail.contains("loopback"), "{}", refused.detail);
+        let pinned = sender(&["127.0.0.0/8", "::1"])
+            .address(&target)
+            .await
+            .unwrap();
+        assert!(pinned.ip().is_loopback() && pinned.port() == 9, "{pinned}");
+        let by_name = sender(&["localhost"]).address(&target).await.unwrap();
+        assert!(by_name.ip().is_loopback(), "{by_name}");
+    }
 }

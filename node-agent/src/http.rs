@@ -29,6 +29,7 @@ use crate::agent::{Agent, Streaming};
 use crate::error::AgentError;
 use crate::job::Prepared;
 use crate::runner::{Target, Ticket};
+use crate::submissions::http as subs;
 
 /// An error as an HTTP answer: the one place the agent's errors become problem+json. A node's
 /// error for a job that certainly did not start says so (`x-codefleet-not-started: true`), so
@@ -75,11 +76,9 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/sessions", post(create_session))
         .route("/v1/sessions/{id}/execute", post(session_execute))
         .route("/v1/sessions/{id}", delete(delete_session))
-        .route("/v1/submissions", post(crate::submissions::http::submit))
-        .route(
-            "/v1/submissions/{token}",
-            get(crate::submissions::http::get).delete(crate::submissions::http::cancel),
-        )
+        .route("/v1/submissions", post(subs::create))
+        .route("/v1/submissions/{token}", get(subs::get))
+        .route("/v1/submissions/{token}", delete(subs::cancel))
         .route_layer(middleware::from_fn_with_state(agent.clone(), authorize));
     Router::new()
         .merge(v1)

@@ -855,6 +855,88 @@ pub async fn run_loop(agent: Arc<Agent>) {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(seq: u64, status: SubmissionStatus) -> Record {
+        Record {
+            seq,
+            submission: Submission {
+                token: format!("sb_{seq}.n1"),
+                kind: "execute".to_string(),
+                status,
+                created_at_ms: seq,
+                started_at_ms: None,
+                finished_at_ms: None,
+                result: None,
+                error: None,
+            },
+            request: Some(SubmissionRequest::default()),
+            request_id: None,
+            callback: None,
+        }
+    }
+
+    fn finish(store: &Store, token: &str, at: u64) {
+        let changed = store.update(token, |r| {
+            r.submission.status = SubmissionStatus::Done;
+            r.submission.finished_at_ms = Some(at);
+            r.request = None;
+            true
+        });
+        assert!(changed.unwrap().unwrap().1);
+    }
+
+    /// Finished records expire by age and beyond the count cap, oldest first, each leaving a
+    /// tombstone; unfinished ones never expire; all of it is still there after a reopen.
+    #[test]
+    fn the_store_expires_finished_records_only_and_remembers_them() {
+        let dir = std::env::temp_dir().join(format!("codefleet-store-test-{}", std::process::id()));
+        let path = dir.join("n1.redb");
+        let _ = std::fs::remove_dir_all(&dir);
+        {
+            let store = Store::open(&path).unwrap();
+            for seq in 0..5 {
+                store
+                    .insert(
+                        &format!("sb_{seq}.n1"),
+                        &record(seq, SubmissionStatus::Queued),
+                    )
+                    .unwrap();
+            }
+            finish(&store, "sb_0.n1", 1_000);
+            finish(&store, "sb_1.n1", 2_000);
+            finish(&store, "sb_2.n1", 3_000);
+            // A final record does not change again through a guarded update.
+            let again = store
+                .update("sb_0.n1", |r| !r.submission.status.is_final())
+                .unwrap();
+            assert!(!again.unwrap().1);
+            // Age: older than 1.5 s at 3.6 s.
+            assert_eq!(store.expire(3_600, 1_500, 100).unwrap(), 2);
+            assert!(store.get("sb_0.n1").unwrap().is_none());
+            assert_eq!(store.expired_at("sb_1.n1").unwrap(), Some(3_600));
+            assert!(store.get("sb_2.n1").unwrap().is_some());
+            assert_eq!(store.count().unwrap(), 3);
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.expired_at("sb_0.n1").unwrap(), Some(3_600));
+        // Count: one finished kept at most; the queued ones stay whatever the cap.
+        finish(&store, "sb_3.n1", 4_000);
+        assert_eq!(store.expire(4_100, 60_000, 1).unwrap(), 1);
+        assert!(store.get("sb_2.n1").unwrap().is_none());
+        assert!(store.get("sb_3.n1").unwrap().is_some());
+        let left: Vec<u64> = store.all().unwrap().iter().map(|(_, r)| r.seq).collect();
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert!(store.get("sb_4.n1").unwrap().unwrap().request.is_some());
+        // Tombstones go too, once they are as old as the TTL again.
+        store.expire(10_000, 1_000, 100).unwrap();
+        assert_eq!(store.expired_at("sb_0.n1").unwrap(), None);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
 /// The routes: `POST /v1/submissions`, `GET` and `DELETE /v1/submissions/{token}`.
 pub mod http {
     use std::sync::Arc;
@@ -870,7 +952,7 @@ pub mod http {
     use crate::http::{read_json, request_id, ApiError};
 
     /// `202` with the stored submission, or the problem a synchronous request would get.
-    pub async fn submit(
+    pub async fn create(
         State(agent): State<Arc<Agent>>,
         request: Request,
     ) -> Result<Response, ApiError> {

@@ -388,6 +388,22 @@ impl Cluster {
         assert!(exited.is_some(), "{node} survived kill -9");
     }
 
+    /// Starts the agent `node` again (after [`Cluster::kill`]): a new process with the same node
+    /// id and flags (so the same state dir), on a new port; returns once the agent is ready.
+    pub async fn revive(&mut self, node: &str) {
+        let at = self.members.iter().position(|m| m.process.node == node);
+        let at = at.unwrap_or_else(|| panic!("no agent {node} in this cluster"));
+        assert!(self.members[at].gone, "{node} is still running");
+        // The old process's cleanup (it removes the node's containers) runs before the new one
+        // makes any.
+        drop(self.members.remove(at));
+        let process = AgentProcess::spawn(node, free_port(), &self.agent).await;
+        self.members.push(Member {
+            process,
+            gone: false,
+        });
+    }
+
     /// Restarts the gateway on its port (no state carried over), with fresh clients.
     pub async fn restart_gateway(&mut self) {
         self.gateway.restart().await;
