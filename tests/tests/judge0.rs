@@ -281,6 +281,21 @@ async fn the_http_surface_speaks_judge0() {
     assert_eq!(wrong.body["status_id"], 4);
     assert_eq!(wrong.body["language"]["id"], 113);
 
+    // A memory limit is reported as Judge0 clients know a memory kill: Runtime Error (Other),
+    // signal 9.
+    let hog = json!({"source_code": "x = bytearray(400 * 1024 * 1024)\nprint(len(x))",
+        "language_id": 71, "memory_limit": 65536});
+    let killed = j
+        .post(
+            "/submissions?wait=true&fields=status,exit_signal,message",
+            &hog,
+        )
+        .await;
+    assert_eq!(killed.status, StatusCode::CREATED, "{killed:?}");
+    assert_eq!(killed.body["status"]["id"], 12, "{killed:?}");
+    assert_eq!(killed.body["exit_signal"], 9, "{killed:?}");
+    assert_eq!(killed.body["message"], "Memory limit exceeded");
+
     // Judge0's error shapes.
     let missing = j.post("/submissions", &json!({"stdin": "x"})).await;
     assert_judge0_error(&missing, StatusCode::UNPROCESSABLE_ENTITY);
