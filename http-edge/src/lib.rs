@@ -299,5 +299,20 @@ mod tests {
             let after = as_problem(fine).await;
             assert_eq!(after.headers(), &before);
         }
+
+        // Another API's error shape, marked as such, is passed as it is.
+        let mut foreign =
+            (StatusCode::UNPROCESSABLE_ENTITY, r#"{"field":["bad"]}"#).into_response();
+        foreign.extensions_mut().insert(ForeignError);
+        let answer = as_problem(foreign).await;
+        assert_eq!(answer.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        assert_ne!(
+            answer.headers()[header::CONTENT_TYPE],
+            "application/problem+json"
+        );
+        let body = axum::body::to_bytes(answer.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        assert_eq!(&body[..], br#"{"field":["bad"]}"#);
     }
 }
