@@ -5,7 +5,8 @@
 //! queue full, say). `GET` and `DELETE` go to the node the token names (`sb_<hex>.<node id>`):
 //! a node that is down or no longer in the cluster answers `node_lost`, never 404.
 //!
-//! [`submit`] and [`poll`] are the calls other front ends (the Judge0 layer) build on.
+//! [`submit`], [`poll`] and [`withdraw`] are the calls other front ends (the Judge0 layer) build
+//! on.
 
 use std::sync::Arc;
 
@@ -48,7 +49,7 @@ pub async fn cancel(
     State(gw): State<Arc<Gateway>>,
     Path(token): Path<String>,
 ) -> Result<Json<Submission>, GatewayError> {
-    bound(&gw, Method::DELETE, &token).await.map(Json)
+    withdraw(&gw, &token).await.map(Json)
 }
 
 /// Checks a submission as the synchronous endpoint would its body and stores it on a node;
@@ -127,6 +128,11 @@ pub async fn submit(
 /// Where a submission is, from the node its token names.
 pub async fn poll(gw: &Gateway, token: &str) -> Result<Submission, GatewayError> {
     bound(gw, Method::GET, token).await
+}
+
+/// Cancels a submission on the node its token names; answers it as it is then.
+pub async fn withdraw(gw: &Gateway, token: &str) -> Result<Submission, GatewayError> {
+    bound(gw, Method::DELETE, token).await
 }
 
 async fn bound(gw: &Gateway, method: Method, token: &str) -> Result<Submission, GatewayError> {

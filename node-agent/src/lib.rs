@@ -121,16 +121,15 @@ pub async fn run(
     let app = http::router(agent.clone());
     let server = codefleet_http_edge::serve(listener, app, agent.config().edge_limits(), graceful);
     let grace = Duration::from_secs(agent.config().grace_s);
+    // Submissions already running get the same grace; the others run at the next start.
+    let submissions = agent.submissions().clone();
     tokio::select! {
-        () = server => {}
+        () = async { server.await; submissions.settle(grace).await } => {}
         _ = async {
             let _ = stop_rx.wait_for(|stopped| *stopped).await;
             tokio::time::sleep(grace).await;
         } => tracing::warn!(?grace, "grace period over; stopping with jobs still running"),
     }
-    // Submissions already running get what is left of the grace; the others run at the next
-    // start, from the store.
-    agent.submissions().settle(grace).await;
     agent.submissions().shutdown();
     // Tell gateways we are going, then clean up everything this node owns.
     if !agent.config().gateways.is_empty() {

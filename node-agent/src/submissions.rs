@@ -4,7 +4,9 @@
 //!
 //! The store is one redb file per node id (`<state dir>/<node id>.redb`, made on the first
 //! submission): an embedded, pure-Rust, ACID key-value store (every commit is durable before the
-//! `202`), with no C to build and no server to run. Records are JSON. What survives a restart
+//! `202`), with no C to build and no server to run, maintained and at 3.x with a stable file
+//! format (SQLite through rusqlite would compile SQLite's C in every build on these 2-core
+//! machines; sled's file format is still beta). Records are JSON. What survives a restart
 //! (or a `kill -9`): every submission accepted; one that was queued or running is queued again
 //! in the order it came and run from the start (a run cut short leaves nothing behind: its
 //! sandbox went with the agent); finished ones keep their result until they expire
@@ -257,6 +259,9 @@ pub struct Submissions {
     sender: callback::Sender,
     /// Cancelled at shutdown: running submissions stop (and run again at the next start).
     stop: CancellationToken,
+    /// Set once the store has been read at start: a new submission waits for it, so it is not
+    /// also taken for a recovered one.
+    recovered: tokio::sync::watch::Sender<bool>,
 }
 
 impl Submissions {
@@ -285,6 +290,7 @@ impl Submissions {
             },
             allow,
             stop: CancellationToken::new(),
+            recovered: tokio::sync::watch::Sender::new(false),
         }
     }
 
@@ -363,6 +369,7 @@ impl Submissions {
         kind: &str,
         request_id: Option<String>,
     ) -> Result<Submission, AgentError> {
+        let _ = self.recovered.subscribe().wait_for(|done| *done).await;
         let length = self.queue_length;
         let reserved = self
             .queued
@@ -535,6 +542,9 @@ impl Submissions {
         let Some((mut all, count)) = recovered else {
             return Ok(Vec::new());
         };
+        if all.is_empty() {
+            return Ok(all);
+        }
         all.sort_by_key(|(_, r)| r.seq);
         let next = all.last().map_or(0, |(_, r)| r.seq + 1);
         self.next_seq.store(next, Ordering::SeqCst);
@@ -721,7 +731,9 @@ impl Agent {
         _turn: tokio::sync::OwnedSemaphorePermit,
     ) {
         let subs = self.submissions().clone();
-        subs.queued.fetch_sub(1, Ordering::SeqCst);
+        let _ = subs
+            .queued
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
         let cancel = subs.stop.child_token();
         subs.running
             .lock()
@@ -817,7 +829,9 @@ async fn once_ready<T>(
 /// work, and expiry. Ends at shutdown.
 pub async fn run_loop(agent: Arc<Agent>) {
     let subs = agent.submissions().clone();
-    match subs.recover().await {
+    let recovered = subs.recover().await;
+    subs.recovered.send_replace(true);
+    match recovered {
         Ok(all) => {
             for (token, record) in all {
                 let pending = record

@@ -388,7 +388,21 @@ impl Cluster {
         assert!(exited.is_some(), "{node} survived kill -9");
     }
 
-    /// Starts the agent `node` again (after [`Cluster::kill`]): a new process with the same node
+    /// SIGTERM to the agent `node`; returns once it has drained and exited (cleanly).
+    pub async fn terminate(&mut self, node: &str) {
+        let member = self
+            .members
+            .iter_mut()
+            .find(|m| m.process.node == node)
+            .unwrap_or_else(|| panic!("no agent {node} in this cluster"));
+        member.process.signal("TERM");
+        member.gone = true;
+        let status = member.process.exited(Duration::from_secs(45)).await;
+        let status = status.unwrap_or_else(|| panic!("{node} did not exit on SIGTERM"));
+        assert!(status.success(), "{node} exited with {status} on SIGTERM");
+    }
+
+    /// Starts the agent `node` again (after [`Cluster::kill`] or [`Cluster::terminate`]): a new process with the same node
     /// id and flags (so the same state dir), on a new port; returns once the agent is ready.
     pub async fn revive(&mut self, node: &str) {
         let at = self.members.iter().position(|m| m.process.node == node);

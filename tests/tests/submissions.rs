@@ -1,9 +1,10 @@
 //! Async submissions (`/v1/submissions`) through a gateway, against the real engine: 20 submitted,
 //! the agent holding them killed with -9 before they finish and started again with the same node
 //! id and store, every token ending with its result, results surviving another restart, a poll of
-//! a node that is gone; a queued one cancelled (it never runs) and a running one killed; the same
-//! refusals as the synchronous endpoints, with nothing stored; a signed callback checked here,
-//! retried after a failure; callbacks to loopback refused unless allowlisted; expiry.
+//! a node that is gone; a running one finishing within a SIGTERM's grace; a queued one cancelled
+//! (it never runs) and a running one killed; a full line refused; the same refusals as the
+//! synchronous endpoints, with nothing stored; a signed callback checked here, retried after a
+//! failure; callbacks to loopback refused unless allowlisted; expiry.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -193,6 +194,7 @@ async fn cancels_refusals_and_unknown_tokens() {
         .agent_arg("--state-dir", dir.path().display())
         .agent_arg("--slots", 2)
         .agent_arg("--submission-concurrency", 1)
+        .agent_arg("--submission-queue-length", 1)
         .agent_arg("--callback-secret", "cancel-test-secret")
         .start()
         .await;
@@ -271,6 +273,16 @@ async fn cancels_refusals_and_unknown_tokens() {
     .await;
     let queued = submit(&api, python("print('never')")).await;
     assert_eq!(poll(&api, &queued).await.body["status"], "queued");
+    // The node's line is full (one here): refused at once, to be sent again later.
+    let full = api.post("/v1/submissions", &python("print(3)")).await;
+    assert_eq!(full.status, StatusCode::SERVICE_UNAVAILABLE, "{full:?}");
+    assert_eq!(full.code(), "no_capacity", "{full:?}");
+    assert!(full.headers.contains_key("retry-after"), "{full:?}");
+    // Synchronous jobs still have the other slot.
+    let sync = api
+        .execute(json!({"language": "python", "source": "print('sync')"}))
+        .await;
+    assert_eq!(sync["run"]["stdout"], "sync\n", "{sync}");
 
     let a = api.delete(&format!("/v1/submissions/{queued}")).await;
     assert_eq!(a.status, StatusCode::OK, "{a:?}");
@@ -327,6 +339,24 @@ async fn cancels_refusals_and_unknown_tokens() {
         (a.status, a.code()),
         (StatusCode::BAD_GATEWAY, "node_lost"),
         "{a:?}"
+    );
+
+    // SIGTERM lets a running submission finish (within the grace): after the restart it is done
+    // from that one run, not run again.
+    let three = python("import time\ntime.sleep(3)\nprint('finished')");
+    let draining = submit(&api, three).await;
+    eventually(Duration::from_secs(60), "the sleeper runs", async || {
+        poll(&api, &draining).await.body["status"] == "running"
+    })
+    .await;
+    let started = poll(&api, &draining).await.body["started_at_ms"].clone();
+    cluster.terminate(&node).await;
+    cluster.revive(&node).await;
+    let s = wait_final(&api, &draining).await;
+    assert_eq!(s["result"]["run"]["stdout"], "finished\n", "{s}");
+    assert_eq!(
+        s["started_at_ms"], started,
+        "run again after a graceful stop: {s}"
     );
 
     let nodes = cluster.stop().await;
