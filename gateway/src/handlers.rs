@@ -24,6 +24,7 @@ use serde_json::json;
 use crate::dispatch::{call_bound, job_timeout, place, stream_bound, Delivery, Job, Reply};
 use crate::edge::{self, Held, JsonBody};
 use crate::error::{problem_response, GatewayError};
+use crate::judge0 as j0;
 use crate::membership::{NodeHandle, Snapshot};
 use crate::metrics::{self, LanguageLabel};
 use crate::routing::NodeId;
@@ -53,6 +54,21 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/v1/nodes/{id}/drain", post(drain_node))
         .route("/v1/nodes/{id}", delete(remove_node))
         .route_layer(from_fn_with_state(Arc::clone(&gw), edge::admin_auth));
+    // Judge0 CE's API, translated to the native one (see `judge0`).
+    let judge0 = Router::new()
+        .route("/submissions", post(j0::create))
+        .route(
+            "/submissions/batch",
+            post(j0::post_batch).get(j0::get_batch),
+        )
+        .route("/submissions/{token}", get(j0::show))
+        .route("/languages", get(j0::languages))
+        .route("/languages/{id}", get(j0::language))
+        .route("/statuses", get(j0::statuses))
+        .route("/about", get(j0::about))
+        .route("/config_info", get(j0::config_info))
+        .route("/workers", get(j0::workers))
+        .route_layer(from_fn_with_state(Arc::clone(&gw), j0::auth));
     let internal = Router::new()
         .route("/v1/internal/reports", post(report))
         .route_layer(from_fn_with_state(Arc::clone(&gw), edge::cluster_auth));
@@ -60,6 +76,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .merge(public)
         .merge(admin)
         .merge(internal)
+        .merge(judge0)
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))

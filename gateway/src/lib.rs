@@ -9,6 +9,7 @@
 //! - `dispatch`: the pooled client to agents, waiting for room, retries, `node_lost`.
 //! - `stream`: NDJSON answers passed through line by line, `node_lost` at a cut, the stall limit.
 //! - `connect`: `GET /v1/connect`, a client's WebSocket relayed to an agent's.
+//! - `judge0`: Judge0 CE's API (`/submissions`, `/languages`, ...), translated to the native one.
 //! - `submissions`: `/v1/submissions`, stored on a node, polled and cancelled by token.
 //! - `error`: every failure and its problem+json answer.
 //! - `metrics`: what `/metrics` exports.
@@ -21,6 +22,7 @@ pub mod edge;
 pub mod error;
 mod handlers;
 mod judge;
+mod judge0;
 mod line;
 pub mod membership;
 pub mod metrics;

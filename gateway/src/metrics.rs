@@ -34,6 +34,8 @@ const NODE_WARM: &str = "codefleet_node_warm_sandboxes";
 const NODE_IMAGE: &str = "codefleet_node_image_state";
 const STREAMS: &str = "codefleet_streams_total";
 const STREAMS_OPEN: &str = "codefleet_streams_open";
+const JUDGE0_SUBMISSIONS: &str = "codefleet_judge0_submissions_total";
+const JUDGE0_RESULTS: &str = "codefleet_judge0_results_total";
 
 /// The process-wide recorder, shared with an in-process agent (`--dev`) and with the many
 /// gateways tests build in one process.
@@ -96,6 +98,14 @@ fn describe() {
     describe_gauge!(
         STREAMS_OPEN,
         "Streamed jobs being relayed now, by kind (ndjson, connect)."
+    );
+    describe_counter!(
+        JUDGE0_SUBMISSIONS,
+        "Submissions taken through the Judge0 API, by mode (wait, async)."
+    );
+    describe_counter!(
+        JUDGE0_RESULTS,
+        "Judge0 statuses of the Judge0 API's wait=true answers, by status id."
     );
     describe_gauge!(NODE_SLOTS, "Slots each node reported.");
     describe_gauge!(NODE_SLOTS_BUSY, "Busy slots in each node's last report.");
@@ -171,6 +181,16 @@ pub fn retry(reason: &'static str) {
 
 /// `reason`: `unauthorized`, `rate_limited`, `concurrency`, `payload_too_large`, `no_capacity`,
 /// `language_unavailable`.
+/// A submission taken through the Judge0 API: `wait` (run before the answer) or `async`.
+pub fn judge0_submission(mode: &'static str) {
+    counter!(JUDGE0_SUBMISSIONS, "mode" => mode).increment(1);
+}
+
+/// The Judge0 status of a `wait=true` answer.
+pub fn judge0_result(status: u8) {
+    counter!(JUDGE0_RESULTS, "status" => status.to_string()).increment(1);
+}
+
 pub fn rejection(reason: &'static str) {
     counter!(REJECTIONS, "reason" => reason).increment(1);
 }

@@ -210,15 +210,22 @@ async fn respond(
 /// At most this much of a bare error answer's text is kept as the problem's detail.
 const DETAIL_MAX: usize = 512;
 
+/// Marks an error answer whose body is, on purpose, another API's error shape (the gateway's
+/// Judge0-compatible routes answer errors as Judge0 does): [`as_problem`] leaves it as it is.
+#[derive(Debug, Clone, Copy)]
+pub struct ForeignError;
+
 /// A non-2xx answer that is not problem+json (a framework's rejection, a plain-text error)
-/// becomes one of the same status, its text as the detail; its other headers stay.
+/// becomes one of the same status, its text as the detail; its other headers stay. An answer
+/// marked [`ForeignError`] is left alone.
 pub async fn as_problem(response: Response) -> Response {
     let status = response.status();
     let is_problem = response
         .headers()
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/problem+json"));
-    if !(status.is_client_error() || status.is_server_error()) || is_problem {
+    let foreign = response.extensions().get::<ForeignError>().is_some();
+    if !(status.is_client_error() || status.is_server_error()) || is_problem || foreign {
         return response;
     }
     let (mut parts, body) = response.into_parts();
@@ -292,5 +299,20 @@ mod tests {
             let after = as_problem(fine).await;
             assert_eq!(after.headers(), &before);
         }
+
+        // Another API's error shape, marked as such, is passed as it is.
+        let mut foreign =
+            (StatusCode::UNPROCESSABLE_ENTITY, r#"{"field":["bad"]}"#).into_response();
+        foreign.extensions_mut().insert(ForeignError);
+        let answer = as_problem(foreign).await;
+        assert_eq!(answer.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        assert_ne!(
+            answer.headers()[header::CONTENT_TYPE],
+            "application/problem+json"
+        );
+        let body = axum::body::to_bytes(answer.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        assert_eq!(&body[..], br#"{"field":["bad"]}"#);
     }
 }

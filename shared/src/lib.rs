@@ -2,7 +2,7 @@
 //! input rules both the gateway and the agents enforce (`validate`), the cluster messages between
 //! gateway and agents (`cluster`) and the framed protocol between an agent and the supervisor
 //! inside each sandbox (`sandbox`), the events of a streamed job (`stream`); plus the rules both sides share for node and session ids
-//! (`ids`), language versions (`version`) and bearer tokens (`auth`).
+//! (`ids`), language versions (`version`), bearer tokens (`auth`) and calendar dates (`time`).
 //!
 //! This crate has no async, HTTP or Docker dependencies: it is plain data and pure functions.
 #![forbid(unsafe_code)]
@@ -16,6 +16,7 @@ pub mod problem;
 pub mod sandbox;
 pub mod stream;
 pub mod submission;
+pub mod time;
 pub mod validate;
 pub mod version;
 

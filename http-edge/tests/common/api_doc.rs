@@ -120,8 +120,9 @@ pub fn top_level_calls(expression: &str) -> Vec<String> {
             .collect();
         let after = &trimmed[name.len()..];
         let Some(args) = after.strip_prefix('(') else {
+            // rustfmt leaves a trailing comma after the last argument of a wrapped call.
             assert!(
-                trimmed.trim().is_empty(),
+                trimmed.trim().trim_start_matches(',').trim().is_empty(),
                 "cannot read method router {expression:?}"
             );
             return names;
