@@ -232,6 +232,9 @@ impl Config {
             processes: self.max_processes,
             output_bytes: self.max_output_bytes,
             file_size_bytes: self.max_file_size_bytes,
+            // The output files' caps are the built-in ones (no flag).
+            output_files: ResolvedLimits::MAX.output_files,
+            output_files_bytes: ResolvedLimits::MAX.output_files_bytes,
         }
     }
 
@@ -266,10 +269,15 @@ impl Config {
 
     /// The longest event (NDJSON line, WebSocket message) taken from an agent: a result carries
     /// up to four outputs (compile and run, stdout and stderr) of `--max-output-bytes`, each at
-    /// most six times longer as JSON (`\u0000`), plus the rest of the object.
+    /// most six times longer as JSON (`\u0000`), the output files in base64 (4/3, with their
+    /// names), plus the rest of the object.
     pub fn max_event_bytes(&self) -> usize {
         let output = usize::try_from(self.max_output_bytes).unwrap_or(usize::MAX);
-        output.saturating_mul(4 * 6).saturating_add(64 << 10)
+        let files = usize::try_from(self.max_limits().output_files_bytes).unwrap_or(usize::MAX);
+        output
+            .saturating_mul(4 * 6)
+            .saturating_add(files.saturating_mul(2))
+            .saturating_add(64 << 10)
     }
 }
 

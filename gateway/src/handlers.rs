@@ -14,7 +14,7 @@ use codefleet_http_edge::Disconnect;
 use codefleet_shared::cluster::{CapacityReport, NodeState};
 use codefleet_shared::ids::SessionId;
 use codefleet_shared::stream::wants_stream;
-use codefleet_shared::validate::{check_args, job_files, resolve_limits};
+use codefleet_shared::validate::{check_args, check_outputs, job_files, resolve_limits};
 use codefleet_shared::{
     CreateSession, ErrorCode, ExecuteRequest, ExecuteResponse, LanguageInfo, Limits, Problem,
     ResolvedLimits, SessionInfo,
@@ -100,6 +100,9 @@ pub(crate) fn check_job(
     job_files(request.source.as_deref(), files, PLACEHOLDER_FILE_NAME)
         .map_err(GatewayError::Invalid)?;
     check_args(request.args.as_deref().unwrap_or_default()).map_err(GatewayError::Invalid)?;
+    if let Some(outputs) = &request.outputs {
+        check_outputs(outputs).map_err(GatewayError::Invalid)?;
+    }
     check_limits(gw, request.limits.as_ref())
 }
 

@@ -457,6 +457,7 @@ impl Agent {
             }],
             env: vec![],
             stream: false,
+            outputs: None,
         };
         let stages = sandbox
             .run(job, Duration::from_secs(30), None)

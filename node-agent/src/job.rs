@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use base64::Engine as _;
 
-use codefleet_shared::sandbox::{Job, SandboxFile, Stage};
-use codefleet_shared::validate::{check_args, job_files, resolve_limits, JobFile};
+use codefleet_shared::sandbox::{Job, Outputs, SandboxFile, Stage};
+use codefleet_shared::validate::{check_args, check_outputs, job_files, resolve_limits, JobFile};
 use codefleet_shared::{ExecuteRequest, Isolation, Problem, ResolvedLimits};
 
 use crate::catalog::Language;
@@ -29,6 +29,8 @@ pub struct Prepared {
     pub isolation: Isolation,
     /// Keep the run stage's stdin open for the caller (a WebSocket client).
     pub interactive: bool,
+    /// Names or globs of files to return with the answer (validated).
+    pub outputs: Option<Vec<String>>,
 }
 
 impl Prepared {
@@ -51,6 +53,9 @@ impl Prepared {
         )?;
         let args = req.args.clone().unwrap_or_default();
         check_args(&args)?;
+        if let Some(outputs) = &req.outputs {
+            check_outputs(outputs)?;
+        }
         Ok(Prepared {
             language,
             version,
@@ -60,6 +65,7 @@ impl Prepared {
             args,
             isolation: req.isolation.unwrap_or_default(),
             interactive: false,
+            outputs: req.outputs.clone(),
         })
     }
 
@@ -123,6 +129,11 @@ impl Prepared {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             stream,
+            outputs: self.outputs.as_ref().map(|patterns| Outputs {
+                patterns: patterns.clone(),
+                max_files: l.output_files,
+                max_bytes: l.output_files_bytes,
+            }),
         }
     }
 }

@@ -436,6 +436,7 @@ impl<'a> Loaded<'a> {
             let mut sandbox = acquire(self.sandboxes, &self.key, self.prepared.isolation).await?;
             self.jobs_before = sandbox.jobs_run;
             let mut job = self.prepared.job(sandbox.uid, self.config, false);
+            job.outputs = None; // a judge answers with verdicts, not files
             job.stages.retain(|s| s.name == "compile");
             let deadline = job_deadline(&self.prepared.limits);
             let stages = match sandbox.run(job, deadline, None).await {
@@ -521,6 +522,7 @@ impl<'a> Loaded<'a> {
         limits: &ResolvedLimits,
     ) -> Job {
         let mut job = self.prepared.job(uid, self.config, false);
+        job.outputs = None;
         job.files = files.to_vec();
         job.stages.retain(|s| s.name == "run");
         for stage in &mut job.stages {

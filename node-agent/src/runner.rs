@@ -25,7 +25,7 @@ use crate::error::AgentError;
 use crate::job::{new_id, Prepared};
 use crate::lifecycle::{docker_unreachable, Lifecycle};
 use crate::pool::Source;
-use crate::sandbox::{Control, Live, Sandbox, SandboxError};
+use crate::sandbox::{Control, Live, Ran, Sandbox, SandboxError};
 use crate::sandboxes::Sandboxes;
 use crate::sessions::{Session, Sessions};
 use crate::slots::Slot;
@@ -239,8 +239,8 @@ impl Runner {
             .increment(1);
         drop(slot);
         let response = match outcome {
-            Ok(stages) => {
-                let response = self.respond(id, prepared, stages, ticket, source.as_str());
+            Ok(ran) => {
+                let response = self.respond(id, prepared, ran, ticket, source.as_str());
                 // Start the reset before releasing the key, so the refiller never sees the
                 // sandbox as neither in use nor coming back.
                 self.sandboxes.recycle(key.clone(), sandbox);
@@ -273,7 +273,7 @@ impl Runner {
         drop(slot);
         session.touch();
         Ok(match outcome {
-            Ok(stages) => self.respond(id, prepared, stages, ticket, "session"),
+            Ok(ran) => self.respond(id, prepared, ran, ticket, "session"),
             Err(e) => {
                 // The session's sandbox is gone; so is the session.
                 let sandbox = guard.take().expect("checked above");
@@ -289,13 +289,13 @@ impl Runner {
         sandbox: &mut Sandbox,
         place: &Placement<'_>,
         stream: Option<&mut Stream>,
-    ) -> (String, Result<Vec<StageOutcome>, SandboxError>) {
+    ) -> (String, Result<Ran, SandboxError>) {
         let prepared = place.prepared;
         let job = prepared.job(sandbox.uid, &self.config, stream.is_some());
         let id = job.id.clone();
         let within = prepared.deadline();
         let Some(stream) = stream else {
-            return (id, sandbox.run(job, within, None).await);
+            return (id, sandbox.run_job(job, within, None).await);
         };
         let (events, from_sandbox) = mpsc::channel(SANDBOX_EVENTS);
         let live = Live {
@@ -311,7 +311,7 @@ impl Runner {
             request_id: place.ticket.request_id.clone(),
         };
         let (outcome, delivered) = tokio::join!(
-            sandbox.run(job, within, Some(live)),
+            sandbox.run_job(job, within, Some(live)),
             forward(from_sandbox, &stream.events, accepted, self.stall()),
         );
         if !delivered {
@@ -321,18 +321,18 @@ impl Runner {
         (id, outcome)
     }
 
-    /// Builds the answer from the stages that ran.
+    /// Builds the answer from the stages that ran and the files collected after them.
     fn respond(
         &self,
         id: String,
         p: &Prepared,
-        stages: Vec<StageOutcome>,
+        ran: Ran,
         ticket: &Ticket,
         source: &str,
     ) -> ExecuteResponse {
         let mut compile = None;
         let mut run = None;
-        for s in stages {
+        for s in ran.stages {
             if let Some(ms) = s.kill_overshoot_ms {
                 metrics::histogram!("codefleet_timeout_overshoot_seconds").record(ms / 1e3);
             }
@@ -351,6 +351,11 @@ impl Runner {
         }
         let mut response = self.answer(id, p, ticket, status, (compile, run));
         response.sandbox = Some(source.to_string());
+        if p.outputs.is_some() {
+            let collected = ran.outputs.unwrap_or_default();
+            response.files = Some(collected.files);
+            response.files_skipped = collected.skipped;
+        }
         response
     }
 
@@ -376,6 +381,8 @@ impl Runner {
             sandbox: None,
             attempts: None,
             request_id: ticket.request_id.clone(),
+            files: None,
+            files_skipped: Vec::new(),
         }
     }
 

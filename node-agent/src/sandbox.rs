@@ -14,7 +14,7 @@ use tokio::net::UnixListener;
 use tokio::sync::mpsc;
 
 use codefleet_shared::sandbox::{
-    Command, Event, Job, StageOutcome, CHANNEL_SOCKET, PROTOCOL_VERSION,
+    Collected, Command, Event, Job, StageOutcome, CHANNEL_SOCKET, PROTOCOL_VERSION,
 };
 
 use crate::engine::{Engine, EngineError, Output, SandboxSpec};
@@ -35,6 +35,12 @@ pub enum Control {
 pub struct Live<'a> {
     pub events: mpsc::Sender<Event>,
     pub control: &'a mut mpsc::Receiver<Control>,
+}
+
+/// A job's outcome: its stages', and the files its `outputs` named (when it named any).
+pub struct Ran {
+    pub stages: Vec<StageOutcome>,
+    pub outputs: Option<Collected>,
 }
 
 /// What `Sandbox::run` woke up for.
@@ -307,14 +313,24 @@ impl Sandbox {
         }
     }
 
-    /// Runs a job and waits for its outcome, at most `within`. With `live`, the job's progress
-    /// events go to the caller as they come, and its controls to the job, until its result.
+    /// Runs a job and waits for its stages' outcomes, at most `within` (see `run_job`).
     pub async fn run(
         &mut self,
         job: Job,
         within: Duration,
-        mut live: Option<Live<'_>>,
+        live: Option<Live<'_>>,
     ) -> Result<Vec<StageOutcome>, SandboxError> {
+        self.run_job(job, within, live).await.map(|ran| ran.stages)
+    }
+
+    /// Runs a job and waits for its outcome, at most `within`. With `live`, the job's progress
+    /// events go to the caller as they come, and its controls to the job, until its result.
+    pub async fn run_job(
+        &mut self,
+        job: Job,
+        within: Duration,
+        mut live: Option<Live<'_>>,
+    ) -> Result<Ran, SandboxError> {
         self.settle().await?;
         if !self.alive() {
             return Err(SandboxError::Dead("its channel had ended".to_string()));
@@ -395,9 +411,13 @@ impl Sandbox {
                         self.control(&id, Control::Signal(SIGKILL)).await?;
                     }
                 }
-                Event::Result { id: got, stages } if got == id => {
+                Event::Result {
+                    id: got,
+                    stages,
+                    outputs,
+                } if got == id => {
                     self.owed = Owed::Nothing;
-                    return Ok(stages);
+                    return Ok(Ran { stages, outputs });
                 }
                 Event::JobFailed { id: got, message } if got == id => {
                     self.owed = Owed::Nothing;

@@ -126,8 +126,10 @@ impl Sandboxes {
             open_files: OPEN_FILES,
             channel: None,
             // Both streams at the most output a job may keep, each byte escaped as `\uXXXX` at
-            // worst, and room for the rest of the result.
-            max_answer_bytes: 12 * max.output_bytes as usize + (1 << 20),
+            // worst, the output files in base64 (4/3) and room for the rest of the result.
+            max_answer_bytes: 12 * max.output_bytes as usize
+                + 2 * max.output_files_bytes as usize
+                + (1 << 20),
         }
     }
 
@@ -168,6 +170,7 @@ impl Sandboxes {
             args: vec![],
             isolation: Isolation::Fresh,
             interactive: false,
+            outputs: None,
         };
         let job = warmup.job(sandbox.uid, &self.config, false);
         let stages = sandbox.run(job, warmup.deadline(), None).await?;

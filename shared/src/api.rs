@@ -31,6 +31,10 @@ pub struct ExecuteRequest {
     pub limits: Option<Limits>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub isolation: Option<Isolation>,
+    /// Names or globs (below the work dir) of files the program writes, returned in the
+    /// answer's `files`; see `validate::check_outputs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outputs: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -95,6 +99,18 @@ pub struct Limits {
         with = "whole_number"
     )]
     pub file_size_bytes: Option<u64>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "whole_number"
+    )]
+    pub output_files: Option<u64>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "whole_number"
+    )]
+    pub output_files_bytes: Option<u64>,
 }
 
 /// An optional non-negative whole number, as JSON Schema's `integer` means it: `1000` and
@@ -232,6 +248,10 @@ pub struct ResolvedLimits {
     pub processes: u64,
     pub output_bytes: u64,
     pub file_size_bytes: u64,
+    /// How many of the files `outputs` names the answer carries.
+    pub output_files: u64,
+    /// How many bytes of their content it carries, all together.
+    pub output_files_bytes: u64,
 }
 
 impl ResolvedLimits {
@@ -244,6 +264,8 @@ impl ResolvedLimits {
         processes: 64,
         output_bytes: 64 << 10,
         file_size_bytes: 10 << 20,
+        output_files: 16,
+        output_files_bytes: 1 << 20,
     };
 
     /// The built-in maxima a request may ask for.
@@ -255,6 +277,8 @@ impl ResolvedLimits {
         processes: 256,
         output_bytes: 1 << 20,
         file_size_bytes: 64 << 20,
+        output_files: 64,
+        output_files_bytes: 8 << 20,
     };
 }
 
@@ -341,6 +365,57 @@ pub struct ExecuteResponse {
     /// on the gateway and on the agent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+    /// The files the request's `outputs` named, when it named any: regular files only, in name
+    /// order, at most `limits.output_files`, their contents cut at `limits.output_files_bytes`
+    /// together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<Vec<OutputFile>>,
+    /// What `outputs` named or matched and `files` does not carry, and why (at most
+    /// [`MAX_SKIPPED_OUTPUTS`], in name order).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files_skipped: Vec<SkippedOutput>,
+}
+
+/// One file of an answer's `files`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OutputFile {
+    /// Relative to the work dir, as a request's `files` names it.
+    pub name: String,
+    /// The file's whole size, bytes.
+    pub size: u64,
+    /// The content, in `encoding` (always `base64`): all of it, or its first bytes when
+    /// `truncated`.
+    pub content: String,
+    pub encoding: Encoding,
+    pub truncated: bool,
+}
+
+/// At most this many entries in an answer's `files_skipped`.
+pub const MAX_SKIPPED_OUTPUTS: usize = 64;
+
+/// A path that `outputs` named or matched whose content is not returned.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SkippedOutput {
+    pub name: String,
+    pub reason: SkipReason,
+}
+
+/// Why a path is in `files_skipped`. Only regular files are read: links and special files are
+/// never followed or opened.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum SkipReason {
+    /// A name without wildcards that names nothing.
+    Missing,
+    Symlink,
+    Directory,
+    Fifo,
+    Socket,
+    Device,
+    /// The job's user may not read it (its mode).
+    Unreadable,
+    /// Past `limits.output_files`.
+    CountLimit,
 }
 
 /// One entry of `GET /v1/languages`.

@@ -12,10 +12,11 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::api::StageResult;
+use crate::api::{OutputFile, SkippedOutput, StageResult};
 
-/// Version of this protocol. Bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// Version of this protocol. Bumped on any incompatible change (5: a job's `outputs`, collected
+/// into its result).
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Environment variable naming the unix socket the supervisor connects to. When it is absent
 /// the supervisor speaks on its stdin and stdout (the container's attach stream) instead.
@@ -70,6 +71,27 @@ pub struct Job {
     /// output either way).
     #[serde(default)]
     pub stream: bool,
+    /// Files to send back with the result, read after the last stage that ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outputs: Option<Outputs>,
+}
+
+/// The files a job asks back: regular files only, never through a link.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Outputs {
+    /// Names or globs below the work dir, already validated (`validate::check_outputs`).
+    pub patterns: Vec<String>,
+    /// At most this many files are returned...
+    pub max_files: u64,
+    /// ...with at most this many bytes of content together.
+    pub max_bytes: u64,
+}
+
+/// What the supervisor found for a job's `outputs`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Collected {
+    pub files: Vec<OutputFile>,
+    pub skipped: Vec<SkippedOutput>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -138,10 +160,12 @@ pub enum Event {
         id: String,
         outcome: StageOutcome,
     },
-    /// A job's outcome; one result per stage that ran.
+    /// A job's outcome; one result per stage that ran, and the files its `outputs` named.
     Result {
         id: String,
         stages: Vec<StageOutcome>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        outputs: Option<Collected>,
     },
     /// The job could not be run at all (the sandbox is broken, not the program).
     JobFailed {
@@ -196,6 +220,11 @@ mod tests {
             }],
             env: vec![("A".into(), "b\nc".into())],
             stream: false,
+            outputs: Some(Outputs {
+                patterns: vec!["out/*.png".into()],
+                max_files: 2,
+                max_bytes: 10,
+            }),
         });
         let line = serde_json::to_string(&job).unwrap();
         assert!(!line.contains('\n'));
@@ -205,6 +234,6 @@ mod tests {
             cgroup: "v1".into(),
         })
         .unwrap();
-        assert_eq!(hello, r#"{"type":"hello","version":4,"cgroup":"v1"}"#);
+        assert_eq!(hello, r#"{"type":"hello","version":5,"cgroup":"v1"}"#);
     }
 }

@@ -65,10 +65,56 @@ pub struct JobFile {
 /// and no segment starting with `-` (a compiler or interpreter given the entry file, or a
 /// glob of the work dir, would read it as an option).
 pub fn check_file_name(name: &str) -> Result<(), Problem> {
+    check_relative_path(name, "file name", false)
+}
+
+/// At most this many `outputs` per job.
+pub const MAX_OUTPUTS: usize = 32;
+
+/// Checks a job's `outputs`: names or globs of files the program writes, below the work dir.
+/// Each follows the file name rules, except that a segment may also hold `*` (any run of
+/// characters) and `?` (any one character); no pattern reaches outside the work dir.
+pub fn check_outputs(outputs: &[String]) -> Result<(), Problem> {
+    if outputs.len() > MAX_OUTPUTS {
+        return Err(Problem::new(
+            ErrorCode::InvalidFileName,
+            format!(
+                "{} outputs; at most {MAX_OUTPUTS} are allowed",
+                outputs.len()
+            ),
+        ));
+    }
+    for pattern in outputs {
+        check_relative_path(pattern, "output", true)?;
+    }
+    Ok(())
+}
+
+/// Whether `c` may appear in a file name's segment.
+fn valid_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
+}
+
+/// Whether `segment` is one segment a file name may have (what a directory entry must be
+/// called for a glob of `outputs` to match it).
+pub fn is_valid_segment(segment: &str) -> bool {
+    !segment.is_empty()
+        && segment != "."
+        && segment != ".."
+        && !segment.starts_with('-')
+        && segment.chars().all(valid_name_char)
+}
+
+/// The path rules of file names and output patterns: relative, at most `MAX_FILE_NAME` bytes
+/// and `MAX_FILE_DEPTH` segments, each segment non-empty, neither `.` nor `..`, not starting
+/// with `-`, made of `[A-Za-z0-9._-]` and, for a `glob`, `*` and `?`. `what` names the thing
+/// in the message.
+fn check_relative_path(name: &str, what: &str, glob: bool) -> Result<(), Problem> {
+    let allowed = |c: char| valid_name_char(c) || (glob && matches!(c, '*' | '?'));
     let bad = |why: &str| {
         Err(Problem::new(
             ErrorCode::InvalidFileName,
-            format!("file name {name:?} {why}"),
+            format!("{what} {name:?} {why}"),
         ))
     };
     if name.is_empty() {
@@ -94,12 +140,10 @@ pub fn check_file_name(name: &str) -> Result<(), Problem> {
         if segment.starts_with('-') {
             return bad("has a segment starting with '-', which a command would read as an option");
         }
-        if let Some(c) = segment
-            .chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-        {
+        if let Some(c) = segment.chars().find(|c| !allowed(*c)) {
+            let wildcards = if glob { " * ?" } else { "" };
             return bad(&format!(
-                "contains {c:?}; allowed are A-Z a-z 0-9 . _ - and / between segments"
+                "contains {c:?}; allowed are A-Z a-z 0-9 . _ -{wildcards} and / between segments"
             ));
         }
     }
@@ -238,6 +282,18 @@ pub fn resolve_limits(
             defaults.file_size_bytes,
             max.file_size_bytes,
         )?,
+        output_files: pick(
+            "output_files",
+            asked.output_files,
+            defaults.output_files,
+            max.output_files,
+        )?,
+        output_files_bytes: pick(
+            "output_files_bytes",
+            asked.output_files_bytes,
+            defaults.output_files_bytes,
+            max.output_files_bytes,
+        )?,
     })
 }
 
@@ -314,6 +370,55 @@ mod tests {
         }
         assert!(check_file_name(&"a".repeat(256)).is_err());
         assert!(check_file_name(&["a"; 9].join("/")).is_err());
+    }
+
+    #[test]
+    fn output_rules_are_the_file_name_rules_with_wildcards() {
+        let table: &[(&str, bool)] = &[
+            ("plot.png", true),
+            ("*.png", true),
+            ("out/*", true),
+            ("out/?/*.csv", true),
+            ("*", true),
+            ("", false),
+            ("/etc/passwd", false),
+            ("/*", false),
+            ("..", false),
+            ("../*", false),
+            ("out/../../x", false),
+            ("-x", false),
+            ("*/-*", false),
+            ("a\0b", false),
+            ("a\nb", false),
+            ("[ab].txt", false),
+            ("a//b", false),
+            ("~/x", false),
+        ];
+        for (pattern, ok) in table {
+            let got = check_outputs(&[pattern.to_string()]);
+            assert_eq!(got.is_ok(), *ok, "{pattern:?}");
+            if let Err(p) = got {
+                assert_eq!(p.code, ErrorCode::InvalidFileName);
+                assert!(p.detail.starts_with("output "), "{}", p.detail);
+            }
+        }
+        assert!(check_outputs(&vec!["a".to_string(); MAX_OUTPUTS]).is_ok());
+        let many = check_outputs(&vec!["a".to_string(); MAX_OUTPUTS + 1]).unwrap_err();
+        assert_eq!(many.code, ErrorCode::InvalidFileName);
+        assert!(
+            check_file_name("*.png").is_err(),
+            "no wildcard in a file name"
+        );
+        for (segment, ok) in [
+            ("a.png", true),
+            (".hidden", true),
+            ("-x", false),
+            ("..", false),
+            ("a b", false),
+            ("", false),
+        ] {
+            assert_eq!(is_valid_segment(segment), ok, "{segment:?}");
+        }
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! caller, never for a session) the sandbox is made clean: every other process killed, every
 //! writable mount emptied, System V IPC removed; `ready` follows, or `reset_failed` when anything
 //! is left over, in which case the agent discards the container. A judge freezes its compiled
-//! program (`freeze`) and restores the sandbox to it between runs (`restore`, see `reset`). When
+//! program (`freeze`) and restores the sandbox to it between runs (`restore`, see `reset`). The
+//! files a job's `outputs` name are read after its last stage (`outputs`). When
 //! stdin closes the agent is gone: the
 //! supervisor kills everything and exits, which ends the container.
 //!
@@ -15,6 +16,7 @@
 
 mod cgroup;
 mod channel;
+mod outputs;
 mod reset;
 mod run;
 mod sys;
@@ -116,10 +118,19 @@ fn main() {
                 }
                 last_user = Some((job.uid, job.gid));
                 // Answer first, so the reset is off the caller's path.
-                match run::run_job(&job, &ctx, &mut chan) {
-                    Ok(stages) => Event::Result {
+                let ran = run::run_job(&job, &ctx, &mut chan).and_then(|stages| {
+                    // After the last stage, when nothing of the job runs any more.
+                    let outputs = match &job.outputs {
+                        Some(wanted) => Some(outputs::collect(wanted, job.uid, job.gid)?),
+                        None => None,
+                    };
+                    Ok((stages, outputs))
+                });
+                match ran {
+                    Ok((stages, outputs)) => Event::Result {
                         id: job.id.clone(),
                         stages,
+                        outputs,
                     },
                     Err(message) => Event::JobFailed {
                         id: job.id.clone(),

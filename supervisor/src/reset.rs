@@ -150,7 +150,7 @@ pub fn other_processes() -> Vec<u32> {
 }
 
 /// Runs `f` as the job user, back to root afterwards whatever it returned.
-fn as_user<T>(uid: u32, gid: u32, f: impl FnOnce() -> io::Result<T>) -> Result<T, String> {
+pub fn as_user<T>(uid: u32, gid: u32, f: impl FnOnce() -> io::Result<T>) -> Result<T, String> {
     sys::become_user(uid, gid).map_err(|e| format!("switching to the job user: {e}"))?;
     let out = f();
     sys::restore_root().map_err(|e| format!("switching back to root: {e}"))?;

@@ -1053,6 +1053,8 @@ fn canned_answer() -> ExecuteResponse {
         sandbox: Some("warm".into()),
         attempts: None,
         request_id: None,
+        files: None,
+        files_skipped: Vec::new(),
     }
 }
 

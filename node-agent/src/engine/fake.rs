@@ -697,7 +697,13 @@ impl Supervisor {
                 break;
             }
         }
-        Some(Event::Result { id, stages })
+        // The fake's jobs write no files: whatever `outputs` names is not there.
+        let outputs = job.outputs.as_ref().map(|_| Default::default());
+        Some(Event::Result {
+            id,
+            stages,
+            outputs,
+        })
     }
 
     /// Runs `script` as one stage; `Some(None)` when it ran to its end.
@@ -985,6 +991,7 @@ mod tests {
             }],
             env: vec![],
             stream,
+            outputs: None,
         }
     }
 
