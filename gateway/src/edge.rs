@@ -182,7 +182,7 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
 /// streamed answer, a socket): holding a clone keeps the request counted against its key's
 /// concurrency until the stream ends.
 #[derive(Debug, Clone)]
-pub struct Held(#[allow(dead_code)] Arc<QuotaPermit>);
+pub struct Held(#[allow(dead_code)] pub(crate) Arc<QuotaPermit>);
 
 /// Middleware for the public `/v1/*` routes.
 pub async fn client_auth(

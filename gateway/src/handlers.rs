@@ -28,7 +28,7 @@ use crate::membership::{NodeHandle, Snapshot};
 use crate::metrics::{self, LanguageLabel};
 use crate::routing::NodeId;
 use crate::stream::{self, StreamLimits};
-use crate::{connect, Gateway};
+use crate::{connect, piston, Gateway};
 
 /// The OpenAPI description of docs/api.md, checked in beside the crate.
 pub const OPENAPI: &str = include_str!("../openapi.json");
@@ -49,6 +49,18 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/v1/nodes/{id}/drain", post(drain_node))
         .route("/v1/nodes/{id}", delete(remove_node))
         .route_layer(from_fn_with_state(Arc::clone(&gw), edge::admin_auth));
+    // Piston v2's API (`crate::piston`), its own auth: Piston's `Authorization` carries the key.
+    let piston = Router::new()
+        .route("/api/v2/runtimes", get(piston::runtimes))
+        .route("/api/v2/execute", post(piston::execute))
+        .route("/api/v2/connect", get(piston::connect))
+        .route(
+            "/api/v2/packages",
+            get(piston::packages)
+                .post(piston::install)
+                .delete(piston::uninstall),
+        )
+        .route_layer(from_fn_with_state(Arc::clone(&gw), piston::auth));
     let internal = Router::new()
         .route("/v1/internal/reports", post(report))
         .route_layer(from_fn_with_state(Arc::clone(&gw), edge::cluster_auth));
@@ -56,6 +68,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .merge(public)
         .merge(admin)
         .merge(internal)
+        .merge(piston)
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
@@ -396,8 +409,11 @@ async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
-async fn not_found(method: Method, uri: axum::http::Uri) -> GatewayError {
-    GatewayError::NotFound(format!("no route {method} {}", uri.path()))
+async fn not_found(method: Method, uri: axum::http::Uri) -> Response {
+    if uri.path().starts_with("/api/v2/") {
+        return piston::not_found();
+    }
+    GatewayError::NotFound(format!("no route {method} {}", uri.path())).into_response()
 }
 
 async fn method_not_allowed() -> GatewayError {

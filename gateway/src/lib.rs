@@ -9,6 +9,7 @@
 //! - `dispatch`: the pooled client to agents, waiting for room, retries, `node_lost`.
 //! - `stream`: NDJSON answers passed through line by line, `node_lost` at a cut, the stall limit.
 //! - `connect`: `GET /v1/connect`, a client's WebSocket relayed to an agent's.
+//! - `piston`: a Piston v2-compatible API under `/api/v2/`, translated onto the native job path.
 //! - `error`: every failure and its problem+json answer.
 //! - `metrics`: what `/metrics` exports.
 #![forbid(unsafe_code)]
@@ -23,6 +24,7 @@ mod judge;
 mod line;
 pub mod membership;
 pub mod metrics;
+pub mod piston;
 pub mod routing;
 pub mod stream;
 
