@@ -54,12 +54,9 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/api/v2/runtimes", get(piston::runtimes))
         .route("/api/v2/execute", post(piston::execute))
         .route("/api/v2/connect", get(piston::connect))
-        .route(
-            "/api/v2/packages",
-            get(piston::packages)
-                .post(piston::install)
-                .delete(piston::uninstall),
-        )
+        .route("/api/v2/packages", get(piston::packages))
+        .route("/api/v2/packages", post(piston::install))
+        .route("/api/v2/packages", delete(piston::uninstall))
         .route_layer(from_fn_with_state(Arc::clone(&gw), piston::auth));
     let internal = Router::new()
         .route("/v1/internal/reports", post(report))

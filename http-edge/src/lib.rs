@@ -207,6 +207,12 @@ async fn respond(
     Ok(response)
 }
 
+/// In an error answer's extensions: the answer keeps its own body and is not made a problem.
+/// For an API whose clients read another error shape (the gateway's Piston-compatible
+/// `/api/v2/`, whose errors are Piston's `{"message": ...}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OwnErrorBody;
+
 /// At most this much of a bare error answer's text is kept as the problem's detail.
 const DETAIL_MAX: usize = 512;
 
@@ -218,7 +224,8 @@ pub async fn as_problem(response: Response) -> Response {
         .headers()
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/problem+json"));
-    if !(status.is_client_error() || status.is_server_error()) || is_problem {
+    let own = response.extensions().get::<OwnErrorBody>().is_some();
+    if !(status.is_client_error() || status.is_server_error()) || is_problem || own {
         return response;
     }
     let (mut parts, body) = response.into_parts();
@@ -292,5 +299,14 @@ mod tests {
             let after = as_problem(fine).await;
             assert_eq!(after.headers(), &before);
         }
+
+        let mut own = (StatusCode::BAD_REQUEST, r#"{"message":"x"}"#).into_response();
+        own.extensions_mut().insert(OwnErrorBody);
+        let kept = as_problem(own).await;
+        assert_eq!(kept.status(), StatusCode::BAD_REQUEST);
+        let body = axum::body::to_bytes(kept.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        assert_eq!(&body[..], br#"{"message":"x"}"#);
     }
 }

@@ -104,6 +104,9 @@ impl IntoResponse for PistonError {
             response.extensions_mut().insert(code);
         }
         response
+            .extensions_mut()
+            .insert(codefleet_http_edge::OwnErrorBody);
+        response
     }
 }
 

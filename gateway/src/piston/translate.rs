@@ -251,13 +251,12 @@ fn constraints(max: &ResolvedLimits) -> [(&'static str, u64); 6] {
     ]
 }
 
-/// Whether JavaScript would call `value` false (Piston skips a constraint that is).
-fn falsy(value: Option<&Value>) -> bool {
+/// Whether Piston leaves a constraint at its default: absent, `null` or 0 (JavaScript's other
+/// false values, `false` and `""`, are refused here as not numbers).
+fn unset(value: Option<&Value>) -> bool {
     match value {
         None | Some(Value::Null) => true,
-        Some(Value::Bool(b)) => !b,
         Some(Value::Number(n)) => n.as_f64() == Some(0.0),
-        Some(Value::String(s)) => s.is_empty(),
         Some(_) => false,
     }
 }
@@ -265,7 +264,7 @@ fn falsy(value: Option<&Value>) -> bool {
 /// One constraint: absent (or 0) is the server's default, -1 its maximum.
 fn constraint(body: &Value, name: &str, max: u64) -> Result<Option<u64>, String> {
     let value = body.get(name);
-    if falsy(value) {
+    if unset(value) {
         return Ok(None);
     }
     let Some(number) = value.and_then(Value::as_f64) else {
@@ -285,13 +284,13 @@ fn constraint(body: &Value, name: &str, max: u64) -> Result<Option<u64>, String>
     Ok(Some(number.ceil() as u64))
 }
 
-/// A file's encoding as Piston takes it: `base64`, `hex`, or anything else as `utf8`; and
-/// whether it counts as utf8 for the rule that one file must be (only a missing, empty or
+/// A file's encoding as Piston takes it: `base64`, `hex`, or any other string as `utf8`; and
+/// whether it counts as utf8 for the rule that one file must be (only a missing, null, empty or
 /// `utf8` encoding does).
 fn encoding(file: &Value) -> (&str, bool) {
-    let given = file.get("encoding");
-    let declared_utf8 = falsy(given) || given.and_then(Value::as_str) == Some("utf8");
-    let taken = match given.and_then(Value::as_str) {
+    let given = file.get("encoding").and_then(Value::as_str);
+    let declared_utf8 = matches!(given, None | Some("" | "utf8"));
+    let taken = match given {
         Some(e @ ("base64" | "hex")) => e,
         _ => "utf8",
     };
@@ -335,6 +334,11 @@ pub fn translate(
     for (i, file) in files.iter().enumerate() {
         if !file.get("content").is_some_and(Value::is_string) {
             return Err(format!("files[{i}].content is required as a string"));
+        }
+        for field in ["name", "encoding"] {
+            if !file.get(field).is_none_or(|v| v.is_string() || v.is_null()) {
+                return Err(format!("files[{i}].{field} must be a string"));
+            }
         }
     }
     let runtime = select(runtimes, language, version)
@@ -711,6 +715,18 @@ mod tests {
                 "compile_memory_limit must be non-negative",
             ),
             (json!({"stdin": 5}), "stdin must be a string"),
+            (
+                json!({"run_timeout": false}),
+                "If specified, run_timeout must be a number",
+            ),
+            (
+                json!({"files": [{"content": "x", "encoding": 1}]}),
+                "files[0].encoding must be a string",
+            ),
+            (
+                json!({"files": [{"content": "x", "name": ["a"]}]}),
+                "files[0].name must be a string",
+            ),
             (
                 json!({"args": ["a", 1]}),
                 "args must be an array of strings",
