@@ -1,13 +1,14 @@
 //! The Piston layer's cost (a bench binary, not a test): one real gateway and one real Python
 //! agent, the same hello sent as a native `POST /v1/execute` (buffered, and as the NDJSON stream
-//! the Piston layer consumes) and as a Piston `POST /api/v2/execute`, interleaved one of each in
+//! the Piston layer consumes) and as a Piston `POST /api/v2/execute`, and both native ones
+//! straight to the agent's port (what its streaming path costs), interleaved one of each in
 //! turn so the shared machine's noise hits every path alike; and the translation alone, in
 //! process. Prints one table with the medians and the Piston path's added p50 against the
 //! issue's bound (≤ 0.5 ms over the native execute).
 //!
 //! ```text
 //! deploy/build-supervisor.sh && cargo build --release -p codefleet-node-agent --bins
-//! cargo bench -p codefleet-tests --bench piston      # PISTON_BENCH_SAMPLES=200 by default
+//! cargo bench -p codefleet-tests --bench piston      # PISTON_BENCH_SAMPLES=400 by default
 //! ```
 
 use std::hint::black_box;
@@ -48,6 +49,8 @@ struct Path {
     url: String,
     body: String,
     accept: Option<&'static str>,
+    /// The cluster token, for an agent's own port.
+    token: Option<String>,
     samples: Vec<f64>,
 }
 
@@ -60,6 +63,9 @@ impl Path {
             .body(self.body.clone());
         if let Some(accept) = self.accept {
             request = request.header("accept", accept);
+        }
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
         }
         let response = request.send().await?;
         let status = response.status();
@@ -83,7 +89,7 @@ async fn run() -> anyhow::Result<()> {
     let samples: usize = std::env::var("PISTON_BENCH_SAMPLES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(200);
+        .unwrap_or(400);
     let mut cluster = Cluster::named("piston-bench")
         .languages(&["python"])
         .start()
@@ -114,12 +120,14 @@ async fn run() -> anyhow::Result<()> {
                         "files": [{"name": "main.py", "content": source}], "stdin": "\n"});
     let piston = json!({"language": "python", "version": semver,
                         "files": [{"name": "main.py", "content": source}]});
+    let agent = cluster.agent(&cluster.node_ids()[0]).api.clone();
     let mut paths = [
         Path {
             name: "native /v1/execute (buffered)",
             url: format!("{url}/v1/execute"),
             body: native.to_string(),
             accept: None,
+            token: None,
             samples: Vec::new(),
         },
         Path {
@@ -127,6 +135,7 @@ async fn run() -> anyhow::Result<()> {
             url: format!("{url}/v1/execute"),
             body: native.to_string(),
             accept: Some("application/x-ndjson"),
+            token: None,
             samples: Vec::new(),
         },
         Path {
@@ -134,6 +143,24 @@ async fn run() -> anyhow::Result<()> {
             url: format!("{url}/api/v2/execute"),
             body: piston.to_string(),
             accept: None,
+            token: None,
+            samples: Vec::new(),
+        },
+        // The agent's own port: what its streaming path costs before the gateway's part.
+        Path {
+            name: "agent /v1/execute (buffered)",
+            url: format!("{}/v1/execute", agent.url),
+            body: native.to_string(),
+            accept: None,
+            token: agent.token.clone(),
+            samples: Vec::new(),
+        },
+        Path {
+            name: "agent /v1/execute (NDJSON stream)",
+            url: format!("{}/v1/execute", agent.url),
+            body: native.to_string(),
+            accept: Some("application/x-ndjson"),
+            token: agent.token.clone(),
             samples: Vec::new(),
         },
     ];
@@ -146,7 +173,7 @@ async fn run() -> anyhow::Result<()> {
         for i in 0..samples {
             // Rotate the order so no path always follows the same one.
             for k in 0..paths.len() {
-                let path = &mut paths[(i + k) % 3];
+                let path = &mut paths[(i + k) % paths.len()];
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 path.once(&http, true).await?;
             }
@@ -188,6 +215,17 @@ async fn run() -> anyhow::Result<()> {
         );
     }
     let p50 = |i: usize| pct(&paths[i].samples, 50.0);
+    // The same round's samples of two paths, one after the other: their difference cancels
+    // most of what the machine was doing at the time.
+    let paired = |a: usize, b: usize| {
+        let diffs: Vec<f64> = paths[a]
+            .samples
+            .iter()
+            .zip(&paths[b].samples)
+            .map(|(x, y)| x - y)
+            .collect();
+        pct(&diffs, 50.0)
+    };
     let added = p50(2) - p50(0);
     println!();
     println!(
@@ -197,6 +235,18 @@ async fn run() -> anyhow::Result<()> {
     println!(
         "piston p50 - native stream p50:   {:+.3} ms",
         p50(2) - p50(1)
+    );
+    println!(
+        "agent stream p50 - agent buffered p50: {:+.3} ms",
+        p50(4) - p50(3)
+    );
+    println!(
+        "median of paired differences, piston - native buffered: {:+.3} ms",
+        paired(2, 0)
+    );
+    println!(
+        "median of paired differences, agent stream - agent buffered: {:+.3} ms",
+        paired(4, 3)
     );
     println!("translation alone (in process):   {translate_us:.2} us per request");
     Ok(())

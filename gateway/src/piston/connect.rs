@@ -22,12 +22,11 @@ use futures_util::{SinkExt as _, StreamExt as _};
 use serde_json::{json, Value};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite;
-use tracing::Instrument as _;
 
 use super::translate::{self, PistonRuntime};
 use super::wire::{close, ServerMessage};
 use super::{prepare, PistonError};
-use crate::dispatch::{place, AgentSocket, Delivery, Job, Placed, Upstream};
+use crate::dispatch::{place, AgentSocket, Delivery, Placed, Upstream};
 use crate::edge::Held;
 use crate::metrics::{self, StreamKind, StreamOutcome};
 use crate::Gateway;
@@ -41,20 +40,9 @@ pub async fn connect(
     upgrade: WebSocketUpgrade,
 ) -> Response {
     let limit = gw.config().max_body_bytes;
-    let request_id = codefleet_http_edge::request_id::current();
-    let span = tracing::Span::current();
-    upgrade
-        .max_message_size(limit)
-        .max_frame_size(limit)
-        .on_upgrade(move |socket| {
-            let session = session(gw, socket, held.map(|Extension(h)| h)).instrument(span);
-            async move {
-                match request_id {
-                    Some(id) => codefleet_http_edge::request_id::scope(id, session).await,
-                    None => session.await,
-                }
-            }
-        })
+    crate::connect::upgraded(upgrade, limit, move |socket| {
+        session(gw, socket, held.map(|Extension(h)| h))
+    })
 }
 
 /// How a socket ends: maybe a last message, then a close (none when the client is gone).
@@ -169,17 +157,7 @@ async fn run(gw: &Gateway, client: &mut WebSocket) -> Ending {
         Ok(prepared) => prepared,
         Err(PistonError { message, .. }) => return Ending::error(message, StreamOutcome::Refused),
     };
-    let version = prepared.translated.native.version.as_deref();
-    let job = Job {
-        language: &prepared.language,
-        version,
-        runtime: Some(&prepared.runtime_id),
-        path: "/v1/connect",
-        body: prepared.body.clone(),
-        timeout: prepared.timeout,
-        delivery: Delivery::Connect,
-    };
-    let placed = match place(gw, job).await {
+    let placed = match place(gw, prepared.job("/v1/connect", Delivery::Connect)).await {
         Ok(placed) => placed,
         Err(error) => {
             let PistonError { message, .. } = PistonError::from(error);

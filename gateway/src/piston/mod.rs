@@ -33,7 +33,6 @@ use codefleet_shared::{ErrorCode, ExecuteResponse, Problem};
 use serde_json::Value;
 
 use crate::dispatch::{job_timeout, place, Delivery, Job, Placed, Upstream};
-use crate::edge::Held;
 use crate::error::GatewayError;
 use crate::handlers::{check_job, resolve_language};
 use crate::membership::Snapshot;
@@ -117,22 +116,14 @@ pub fn not_found() -> Response {
 
 /// Middleware for `/api/v2/*`: Piston's `Authorization` header holds the key itself (a
 /// `Bearer` scheme is taken too); the key's quotas hold as for `/v1/*`.
-pub async fn auth(State(gw): State<Arc<Gateway>>, mut request: Request, next: Next) -> Response {
+pub async fn auth(State(gw): State<Arc<Gateway>>, request: Request, next: Next) -> Response {
     let token = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .map(|v| codefleet_shared::auth::bearer_token(v).unwrap_or(v.trim()));
     match gw.keys.admit_client(token, Instant::now()) {
-        Ok(permit) => {
-            let held = permit.map(|permit| Held(Arc::new(permit)));
-            if let Some(held) = &held {
-                request.extensions_mut().insert(held.clone());
-            }
-            let response = next.run(request).await;
-            drop(held);
-            response
-        }
+        Ok(permit) => crate::edge::admitted(permit, request, next).await,
         Err(GatewayError::Unauthorized(_)) => PistonError {
             code: Some(ErrorCode::Unauthorized),
             ..PistonError::new(
@@ -251,6 +242,21 @@ pub(crate) struct Prepared {
     pub body: Bytes,
 }
 
+impl Prepared {
+    /// The native job to place, for the agent's `path`.
+    pub fn job(&self, path: &'static str, delivery: Delivery) -> Job<'_> {
+        Job {
+            language: &self.language,
+            version: self.translated.native.version.as_deref(),
+            runtime: Some(&self.runtime_id),
+            path,
+            body: self.body.clone(),
+            timeout: self.timeout,
+            delivery,
+        }
+    }
+}
+
 pub(crate) fn prepare(
     gw: &Gateway,
     body: &Value,
@@ -306,17 +312,7 @@ async fn run_execute(
 ) -> Result<wire::Answer, PistonError> {
     let prepared = prepare(gw, body, false)?;
     *label = Some(prepared.language.clone());
-    let version = prepared.translated.native.version.as_deref();
-    let job = Job {
-        language: &prepared.language,
-        version,
-        runtime: Some(&prepared.runtime_id),
-        path: "/v1/execute",
-        body: prepared.body.clone(),
-        timeout: prepared.timeout,
-        delivery: Delivery::Stream,
-    };
-    let placed = place(gw, job).await?;
+    let placed = place(gw, prepared.job("/v1/execute", Delivery::Stream)).await?;
     let (result, mut streams) = collect(placed, gw.config().max_event_bytes()).await?;
     let runtime = &prepared.translated.runtime;
     let mut stage = |result: &codefleet_shared::api::StageResult, name: &str| {

@@ -290,16 +290,16 @@ fn constraint(body: &Value, name: &str, max: u64) -> Result<Option<u64>, String>
 fn encoding(file: &Value) -> (&str, bool) {
     let given = file.get("encoding").and_then(Value::as_str);
     let declared_utf8 = matches!(given, None | Some("" | "utf8"));
-    let taken = match given {
-        Some(e @ ("base64" | "hex")) => e,
-        _ => "utf8",
-    };
+    let taken = ["base64", "hex"]
+        .into_iter()
+        .find(|e| given == Some(*e))
+        .unwrap_or("utf8");
     (taken, declared_utf8)
 }
 
 fn hex_to_base64(hex: &str) -> Option<String> {
     let hex = hex.as_bytes();
-    if hex.len() % 2 != 0 {
+    if !hex.len().is_multiple_of(2) {
         return None;
     }
     let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
