@@ -61,13 +61,25 @@ pub async fn connect(
     upgrade: WebSocketUpgrade,
 ) -> Response {
     let limit = gw.config().max_body_bytes;
+    upgraded(upgrade, limit, move |socket| {
+        session(gw, socket, held.map(|Extension(h)| h))
+    })
+}
+
+/// Upgrades to a WebSocket whose messages and frames are at most `limit` bytes, and runs
+/// `session` on it in the request's span and under its request id.
+pub(crate) fn upgraded<F, S>(upgrade: WebSocketUpgrade, limit: usize, session: F) -> Response
+where
+    F: FnOnce(WebSocket) -> S + Send + 'static,
+    S: std::future::Future<Output = ()> + Send + 'static,
+{
     let request_id = codefleet_http_edge::request_id::current();
     let span = tracing::Span::current();
     upgrade
         .max_message_size(limit)
         .max_frame_size(limit)
         .on_upgrade(move |socket| {
-            let session = session(gw, socket, held.map(|Extension(h)| h)).instrument(span);
+            let session = session(socket).instrument(span);
             async move {
                 match request_id {
                     Some(id) => codefleet_http_edge::request_id::scope(id, session).await,

@@ -185,26 +185,30 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
 pub struct Held(#[allow(dead_code)] Arc<QuotaPermit>);
 
 /// Middleware for the public `/v1/*` routes.
-pub async fn client_auth(
-    State(gw): State<Arc<Gateway>>,
-    mut request: Request,
-    next: Next,
-) -> Response {
+pub async fn client_auth(State(gw): State<Arc<Gateway>>, request: Request, next: Next) -> Response {
     match gw
         .keys
         .admit_client(bearer(request.headers()), Instant::now())
     {
-        Ok(permit) => {
-            let held = permit.map(|permit| Held(Arc::new(permit)));
-            if let Some(held) = &held {
-                request.extensions_mut().insert(held.clone());
-            }
-            let response = next.run(request).await;
-            drop(held);
-            response
-        }
+        Ok(permit) => admitted(permit, request, next).await,
         Err(error) => error.into_response(),
     }
+}
+
+/// Runs an admitted client request, its quota permit (if any) among its extensions as [`Held`]
+/// and held until the answer is made.
+pub(crate) async fn admitted(
+    permit: Option<QuotaPermit>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let held = permit.map(|permit| Held(Arc::new(permit)));
+    if let Some(held) = &held {
+        request.extensions_mut().insert(held.clone());
+    }
+    let response = next.run(request).await;
+    drop(held);
+    response
 }
 
 /// Middleware for `/v1/nodes*`.

@@ -30,7 +30,7 @@ use crate::metrics::{self, LanguageLabel};
 use crate::routing::NodeId;
 use crate::stream::{self, StreamLimits};
 use crate::submissions as subs;
-use crate::{connect, Gateway};
+use crate::{connect, piston, Gateway};
 
 /// The OpenAPI description of docs/api.md, checked in beside the crate.
 pub const OPENAPI: &str = include_str!("../openapi.json");
@@ -69,6 +69,15 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/config_info", get(j0::config_info))
         .route("/workers", get(j0::workers))
         .route_layer(from_fn_with_state(Arc::clone(&gw), j0::auth));
+    // Piston v2's API (`crate::piston`), its own auth: Piston's `Authorization` carries the key.
+    let piston = Router::new()
+        .route("/api/v2/runtimes", get(piston::runtimes))
+        .route("/api/v2/execute", post(piston::execute))
+        .route("/api/v2/connect", get(piston::connect))
+        .route("/api/v2/packages", get(piston::packages))
+        .route("/api/v2/packages", post(piston::install))
+        .route("/api/v2/packages", delete(piston::uninstall))
+        .route_layer(from_fn_with_state(Arc::clone(&gw), piston::auth));
     let internal = Router::new()
         .route("/v1/internal/reports", post(report))
         .route_layer(from_fn_with_state(Arc::clone(&gw), edge::cluster_auth));
@@ -77,6 +86,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .merge(admin)
         .merge(internal)
         .merge(judge0)
+        .merge(piston)
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
@@ -420,8 +430,11 @@ async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
-async fn not_found(method: Method, uri: axum::http::Uri) -> GatewayError {
-    GatewayError::NotFound(format!("no route {method} {}", uri.path()))
+async fn not_found(method: Method, uri: axum::http::Uri) -> Response {
+    if uri.path().starts_with("/api/v2/") {
+        return piston::not_found();
+    }
+    GatewayError::NotFound(format!("no route {method} {}", uri.path())).into_response()
 }
 
 async fn method_not_allowed() -> GatewayError {

@@ -11,6 +11,7 @@
 //! - `connect`: `GET /v1/connect`, a client's WebSocket relayed to an agent's.
 //! - `judge0`: Judge0 CE's API (`/submissions`, `/languages`, ...), translated to the native one.
 //! - `submissions`: `/v1/submissions`, stored on a node, polled and cancelled by token.
+//! - `piston`: a Piston v2-compatible API under `/api/v2/`, translated onto the native job path.
 //! - `error`: every failure and its problem+json answer.
 //! - `metrics`: what `/metrics` exports.
 #![forbid(unsafe_code)]
@@ -26,6 +27,7 @@ mod judge0;
 mod line;
 pub mod membership;
 pub mod metrics;
+pub mod piston;
 pub mod routing;
 pub mod stream;
 pub mod submissions;

@@ -211,7 +211,8 @@ async fn respond(
 const DETAIL_MAX: usize = 512;
 
 /// Marks an error answer whose body is, on purpose, another API's error shape (the gateway's
-/// Judge0-compatible routes answer errors as Judge0 does): [`as_problem`] leaves it as it is.
+/// Judge0-compatible routes answer errors as Judge0 does, its Piston-compatible `/api/v2/` as
+/// Piston does, `{"message": ...}`): [`as_problem`] leaves it as it is.
 #[derive(Debug, Clone, Copy)]
 pub struct ForeignError;
 

@@ -21,7 +21,7 @@ use codefleet_shared::api::object_only::Object;
 use codefleet_shared::auth;
 use codefleet_shared::cluster::{NOT_STARTED_HEADER, QUEUE_WAIT_HEADER};
 use codefleet_shared::judge::{JudgeEvent, JudgeRequest};
-use codefleet_shared::stream::{wants_stream, JobEvent, NDJSON};
+use codefleet_shared::stream::{wants_stream, NDJSON};
 use codefleet_shared::validate::json_depth;
 use codefleet_shared::{CreateSession, ErrorCode, ExecuteRequest, Problem};
 
@@ -249,6 +249,9 @@ async fn run(
     Ok(ndjson(streaming, asked.disconnect))
 }
 
+/// Up to this many bytes of waiting events are joined into one chunk of an NDJSON answer.
+const COALESCE_BYTES: usize = 64 * 1024;
+
 /// The NDJSON answer of a streamed job: one event per line, as the runner gives them. When the
 /// client stalled (its job was killed), its connection is closed: hyper alone would wait on a
 /// socket that never drains.
@@ -261,12 +264,17 @@ fn ndjson(streaming: Streaming, disconnect: Option<codefleet_http_edge::Disconne
             }
         }
     });
+    // Events already waiting go out in one chunk with the first (a short job's last few come
+    // together): one write and one wake-up of the reader instead of one per line.
     let lines = futures_util::stream::unfold(events, |mut events| async move {
-        let event: JobEvent = events.recv().await?;
-        Some((
-            Ok::<_, Infallible>(bytes::Bytes::from(event.to_line())),
-            events,
-        ))
+        let mut chunk = events.recv().await?.to_line();
+        while chunk.len() < COALESCE_BYTES {
+            match events.try_recv() {
+                Ok(event) => chunk.extend_from_slice(&event.to_line()),
+                Err(_) => break,
+            }
+        }
+        Some((Ok::<_, Infallible>(bytes::Bytes::from(chunk)), events))
     });
     (
         [(header::CONTENT_TYPE, NDJSON)],
