@@ -670,6 +670,9 @@ pub struct Job<'a> {
     pub body: Bytes,
     pub timeout: Duration,
     pub delivery: Delivery,
+    /// A compiled program's affinity ([`crate::routing::program_affinity`]): routed to the node
+    /// that holds it compiled while that node has room.
+    pub affinity: Option<u64>,
 }
 
 /// How a job's answer comes back from its node.
@@ -733,6 +736,7 @@ pub async fn place(gw: &Gateway, job: Job<'_>) -> Result<Placed, GatewayError> {
                 version: job.version,
                 runtime: job.runtime,
                 exclude: &tried,
+                affinity: job.affinity,
             };
             let decision = snapshot
                 .table

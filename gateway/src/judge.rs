@@ -7,6 +7,7 @@
 
 use std::sync::Arc;
 
+use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -19,6 +20,7 @@ use crate::dispatch::{place, Delivery, Job};
 use crate::edge::JsonBody;
 use crate::error::GatewayError;
 use crate::handlers::{check_job, labelled, resolve_language};
+use crate::routing::program_affinity;
 use crate::Gateway;
 
 pub async fn judge(State(gw): State<Arc<Gateway>>, body: JsonBody<JudgeRequest>) -> Response {
@@ -35,7 +37,19 @@ async fn run_judge(
     }: JsonBody<JudgeRequest>,
     label: &mut Option<String>,
 ) -> Result<Response, GatewayError> {
-    check_judge(&request).map_err(GatewayError::Invalid)?;
+    let answer = judge_answer(gw, &request, raw, label).await?;
+    Ok(Json(answer).into_response())
+}
+
+/// Checks a judge request (`raw` its body as it came), places it on a node (the one that has
+/// the program compiled, while it has room) and returns the node's answer.
+pub(crate) async fn judge_answer(
+    gw: &Gateway,
+    request: &JudgeRequest,
+    raw: Bytes,
+    label: &mut Option<String>,
+) -> Result<JudgeResponse, GatewayError> {
+    check_judge(request).map_err(GatewayError::Invalid)?;
     let program = &request.program;
     let limits = check_job(gw, program)?;
     let max = gw.config().max_limits();
@@ -70,6 +84,7 @@ async fn run_judge(
         timeout: budget + gw.config().dispatch_margin(),
         // Judges stream from an agent only: through a gateway the answer is the buffered one.
         delivery: Delivery::Buffered,
+        affinity: info.compiled.then(|| program_affinity(&info.name, program)),
     };
     let placed = place(gw, job).await?;
     let body = placed.reply.expect(StatusCode::OK, &placed.node)?;
@@ -83,5 +98,5 @@ async fn run_judge(
     answer.attempts = Some(placed.attempts);
     answer.timing.queued_ms += waited;
     answer.timing.total_ms += waited;
-    Ok(Json(answer).into_response())
+    Ok(answer)
 }

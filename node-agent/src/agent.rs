@@ -441,6 +441,7 @@ impl Agent {
             }],
             env: vec![],
             stream: false,
+            snapshot_max_bytes: 0,
         };
         let stages = sandbox
             .run(job, Duration::from_secs(30), None)

@@ -123,6 +123,7 @@ impl Prepared {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             stream,
+            snapshot_max_bytes: 0,
         }
     }
 }

@@ -13,6 +13,7 @@
 
 pub mod agent;
 pub mod catalog;
+pub mod compile_cache;
 pub mod config;
 pub mod connect;
 pub mod docker;

@@ -14,7 +14,7 @@ use tokio::net::UnixListener;
 use tokio::sync::mpsc;
 
 use codefleet_shared::sandbox::{
-    Command, Event, Job, StageOutcome, CHANNEL_SOCKET, PROTOCOL_VERSION,
+    Command, Event, Job, SandboxFile, StageOutcome, CHANNEL_SOCKET, PROTOCOL_VERSION,
 };
 
 use crate::engine::{Engine, EngineError, Output, SandboxSpec};
@@ -118,6 +118,9 @@ pub struct Sandbox {
     pub id: String,
     pub uid: u32,
     pub jobs_run: u32,
+    /// The work dir after the last job's compile stage, when that job asked for it (the
+    /// compile cache takes it).
+    pub snapshot: Option<Vec<SandboxFile>>,
     input: std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>,
     /// Read by whoever waits for an event, in its own task: no hop through another task on
     /// the way from the supervisor's answer to the caller's response.
@@ -205,6 +208,7 @@ impl Sandbox {
             id,
             uid: job_uid(),
             jobs_run: 0,
+            snapshot: None,
             input: Box::pin(tokio::io::sink()),
             output: Box::pin(futures_util::stream::empty()),
             lines: Lines::default(),
@@ -321,6 +325,7 @@ impl Sandbox {
         }
         let id = job.id.clone();
         self.jobs_run += 1;
+        self.snapshot = None;
         match self.send(&Command::Job(job)).await {
             Ok(()) => {}
             Err(SandboxError::Lost) => {
@@ -395,8 +400,13 @@ impl Sandbox {
                         self.control(&id, Control::Signal(SIGKILL)).await?;
                     }
                 }
-                Event::Result { id: got, stages } if got == id => {
+                Event::Result {
+                    id: got,
+                    stages,
+                    snapshot,
+                } if got == id => {
                     self.owed = Owed::Nothing;
+                    self.snapshot = snapshot;
                     return Ok(stages);
                 }
                 Event::JobFailed { id: got, message } if got == id => {
@@ -583,6 +593,7 @@ mod tests {
             id: "test".into(),
             uid: 1,
             jobs_run: 0,
+            snapshot: None,
             input: Box::pin(tokio::io::sink()),
             output: Box::pin(futures_util::stream::iter(items).fuse()),
             lines: Lines::default(),

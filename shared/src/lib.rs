@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod batch;
 pub mod cluster;
 pub mod ids;
 pub mod judge;

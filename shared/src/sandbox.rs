@@ -70,6 +70,15 @@ pub struct Job {
     /// output either way).
     #[serde(default)]
     pub stream: bool,
+    /// The compile cache: when non-zero and the job's `compile` stage ends `ok`, the work dir
+    /// as the compiler left it (every regular file, at most this many bytes in all) comes back
+    /// in the `Result`'s `snapshot`, taken before any later stage runs. 0: no snapshot.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub snapshot_max_bytes: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -142,6 +151,11 @@ pub enum Event {
     Result {
         id: String,
         stages: Vec<StageOutcome>,
+        /// The work dir after its `compile` stage, when the job asked for it
+        /// (`Job::snapshot_max_bytes`) and it held only regular files and directories within
+        /// that size.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        snapshot: Option<Vec<SandboxFile>>,
     },
     /// The job could not be run at all (the sandbox is broken, not the program).
     JobFailed {
@@ -196,6 +210,7 @@ mod tests {
             }],
             env: vec![("A".into(), "b\nc".into())],
             stream: false,
+            snapshot_max_bytes: 0,
         });
         let line = serde_json::to_string(&job).unwrap();
         assert!(!line.contains('\n'));

@@ -17,6 +17,7 @@ mod cgroup;
 mod channel;
 mod reset;
 mod run;
+mod snapshot;
 mod sys;
 
 use std::io;
@@ -117,9 +118,10 @@ fn main() {
                 last_user = Some((job.uid, job.gid));
                 // Answer first, so the reset is off the caller's path.
                 match run::run_job(&job, &ctx, &mut chan) {
-                    Ok(stages) => Event::Result {
+                    Ok((stages, snapshot)) => Event::Result {
                         id: job.id.clone(),
                         stages,
+                        snapshot,
                     },
                     Err(message) => Event::JobFailed {
                         id: job.id.clone(),

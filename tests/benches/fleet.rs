@@ -1046,6 +1046,7 @@ fn canned_answer() -> ExecuteResponse {
             memory_bytes: 8 << 20,
         }),
         node: "bench-stub".into(),
+        cached: None,
         timing: Timing {
             queued_ms: 0,
             total_ms: 0,

@@ -697,7 +697,11 @@ impl Supervisor {
                 break;
             }
         }
-        Some(Event::Result { id, stages })
+        Some(Event::Result {
+            id,
+            stages,
+            snapshot: None,
+        })
     }
 
     /// Runs `script` as one stage; `Some(None)` when it ran to its end.
@@ -985,6 +989,7 @@ mod tests {
             }],
             env: vec![],
             stream,
+            snapshot_max_bytes: 0,
         }
     }
 
