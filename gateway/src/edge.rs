@@ -82,25 +82,22 @@ impl KeyQuota {
                 retry_after: Duration::from_secs(1),
             });
         }
-        let taken = self.bucket.lock().expect("bucket lock").take(now);
-        taken.map_err(|retry_after| {
-            metrics::rejection("rate_limited");
-            GatewayError::RateLimited {
-                reason: "request rate above this API key's quota",
-                retry_after,
-            }
-        })?;
+        self.take_token(now)?;
         Ok(permit)
     }
-}
 
-impl KeyQuota {
     /// Admits one job of a batch: a token from the bucket (none left: 429 for that job), and
     /// the job counted in flight until the permit drops. The batch bounds how many of its jobs
     /// run at once ([`KeyQuota::batch_width`]), so the count is not checked here.
     pub fn admit_batch_job(self: &Arc<Self>, now: Instant) -> Result<QuotaPermit, GatewayError> {
         self.inflight.fetch_add(1, Ordering::Relaxed);
         let permit = QuotaPermit(Arc::clone(self));
+        self.take_token(now)?;
+        Ok(permit)
+    }
+
+    /// One token from the key's bucket, or 429.
+    fn take_token(&self, now: Instant) -> Result<(), GatewayError> {
         let taken = self.bucket.lock().expect("bucket lock").take(now);
         taken.map_err(|retry_after| {
             metrics::rejection("rate_limited");
@@ -108,8 +105,7 @@ impl KeyQuota {
                 reason: "request rate above this API key's quota",
                 retry_after,
             }
-        })?;
-        Ok(permit)
+        })
     }
 
     /// How many jobs of a batch may run at once: the key's in-flight quota less the batch

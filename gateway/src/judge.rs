@@ -1,7 +1,8 @@
 //! `POST /v1/judge` at the gateway: checked at the edge as an execute is (the program's files,
 //! arguments, limits and language; the tests, each test's limits and the checker as the agent
 //! checks them), routed by the program's language through the same quotas, queue and retries
-//! (only a node that cannot have started it is passed over), with a timeout that covers one
+//! (only a node that cannot have started it is passed over; a compiled program by its
+//! affinity, to the node that has it compiled), with a timeout that covers one
 //! compile and every test's run (and the checker's). The agent's answer passes through with the
 //! node, the attempts and the gateway's wait added.
 

@@ -10,6 +10,10 @@
 //!
 //! A `program` checker is a second program, compiled once in a sandbox of its own from the
 //! pools, frozen and restored the same way, run for each test that ran to completion.
+//!
+//! A program the node compiled before (by a judge or an execute) comes from the compile cache
+//! (`compile_cache`): its kept files are written instead of its sources, nothing is compiled,
+//! and the freeze is the same.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -465,28 +469,21 @@ impl<'a> Loaded<'a> {
                 Err(e) => return Err(failure(self.sandboxes, sandbox, e).await),
                 Ok(stages) => stages,
             };
-            if let cache::Use::Hit(program) = &cached {
-                if let Some(failed) = stages.first().filter(|s| s.result.status != Status::Ok) {
-                    // The cached files could not be written (the work dir was full).
-                    let result = failed.result.clone();
-                    self.sandbox = Some(sandbox);
-                    self.finish_sandbox();
-                    return Ok(Compiled::Failed(result));
-                }
-                if let Err(e) = sandbox.freeze().await {
-                    return Err(failure(self.sandboxes, sandbox, e).await);
-                }
-                self.sandbox = Some(sandbox);
-                self.cached = true;
-                return Ok(Compiled::Ok(Some(program.compile.clone())));
-            }
-            metrics::counter!("codefleet_judge_compiles_total", "language" => self.key.language.clone())
-                .increment(1);
-            if stages.iter().any(|s| s.name == "compile") {
-                metrics::counter!("codefleet_compiles_total", "language" => self.key.language.clone())
+            let hit = match &cached {
+                cache::Use::Hit(program) => Some(program.compile.clone()),
+                _ => None,
+            };
+            if hit.is_none() {
+                let language = self.key.language.clone();
+                metrics::counter!("codefleet_judge_compiles_total", "language" => language.clone())
                     .increment(1);
+                if stages.iter().any(|s| s.name == "compile") {
+                    metrics::counter!("codefleet_compiles_total", "language" => language)
+                        .increment(1);
+                }
             }
-            // Without a compile stage a failed stage is the files' write (reported as `run`).
+            // A failed stage without a compile stage is the files' write (reported as `run`):
+            // the work dir could not hold them.
             if let Some(failed) = stages.iter().find(|s| s.result.status != Status::Ok) {
                 let result = failed.result.clone();
                 self.sandbox = Some(sandbox);
@@ -503,8 +500,8 @@ impl<'a> Loaded<'a> {
                 cache.insert(*key, files, c.result.clone());
             }
             self.sandbox = Some(sandbox);
-            self.cached = false;
-            return Ok(Compiled::Ok(compile.map(|s| s.result)));
+            self.cached = hit.is_some();
+            return Ok(Compiled::Ok(hit.or(compile.map(|s| s.result))));
         }
     }
 

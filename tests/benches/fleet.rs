@@ -2347,6 +2347,7 @@ fn routing_bench(budget: Duration) -> Routing {
                     version: None,
                     runtime: None,
                     exclude: &[],
+                    affinity: None,
                 };
                 match table.choose(black_box(&want), config.balance_factor, |&i| loads[i]) {
                     Decision::Node(e) => {
