@@ -51,7 +51,9 @@ while True:
 failed = 0
 for language, source in hello.items():
     try:
-        r = call("/v1/execute", {"language": language, "source": source})
+        # A compile on a busy machine may take longer than the default 10 s of wall time.
+        r = call("/v1/execute", {"language": language, "source": source,
+                                 "limits": {"compile_wall_time_ms": 60000}})
         out, status = r["run"]["stdout"] if r.get("run") else "", r["status"]
     except urllib.error.HTTPError as e:
         out, status = "", f"HTTP {e.code}: {e.read()[:200]!r}"

@@ -83,6 +83,10 @@ pub struct Config {
     #[arg(long, env = "CODEFLEET_MAX_BODY_BYTES", default_value_t = 2 << 20)]
     pub max_body_bytes: usize,
 
+    /// Jobs one `POST /v1/batch` may carry (400 beyond).
+    #[arg(long, env = "CODEFLEET_MAX_BATCH", default_value_t = codefleet_shared::batch::DEFAULT_MAX_BATCH)]
+    pub max_batch: usize,
+
     /// Deepest JSON nesting accepted in a request body.
     #[arg(long, env = "CODEFLEET_MAX_JSON_DEPTH", default_value_t = 32)]
     pub max_json_depth: usize,
@@ -206,6 +210,7 @@ impl Config {
             ("--missed-reports", self.missed_reports.into()),
             ("--max-body-bytes", self.max_body_bytes as u64),
             ("--max-json-depth", self.max_json_depth as u64),
+            ("--max-batch", self.max_batch as u64),
             ("--max-attempts", self.max_attempts.into()),
             ("--header-timeout-s", self.header_timeout_s),
             ("--body-timeout-ms", self.body_timeout_ms),

@@ -226,6 +226,7 @@ async fn start(
         body: Bytes::from(text.as_str().to_string()),
         timeout,
         delivery: Delivery::Connect,
+        affinity: None,
     };
     let placed = match place(gw, job).await {
         Ok(placed) => placed,

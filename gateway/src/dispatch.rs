@@ -670,6 +670,9 @@ pub struct Job<'a> {
     pub body: Bytes,
     pub timeout: Duration,
     pub delivery: Delivery,
+    /// A compiled program's affinity ([`crate::routing::program_affinity`]): routed to the node
+    /// that holds it compiled while that node has room.
+    pub affinity: Option<u64>,
 }
 
 /// How a job's answer comes back from its node.
@@ -728,11 +731,21 @@ pub async fn place(gw: &Gateway, job: Job<'_>) -> Result<Placed, GatewayError> {
         };
         let decision = my_turn.then(|| {
             let started = std::time::Instant::now();
+            // The runtime as the snapshot routed on resolves it: the request was resolved
+            // against an older one, and a runtime that became ready since (a newer version of
+            // the language) changes which one a node runs for `version`.
+            let runtime = job.runtime.map(|asked| {
+                snapshot
+                    .catalog
+                    .resolve_runtime(job.language, job.version)
+                    .map_or(asked, |(_, id)| id)
+            });
             let want = Want {
                 language: job.language,
                 version: job.version,
-                runtime: job.runtime,
+                runtime,
                 exclude: &tried,
+                affinity: job.affinity,
             };
             let decision = snapshot
                 .table

@@ -82,6 +82,22 @@ impl KeyQuota {
                 retry_after: Duration::from_secs(1),
             });
         }
+        self.take_token(now)?;
+        Ok(permit)
+    }
+
+    /// Admits one job of a batch: a token from the bucket (none left: 429 for that job), and
+    /// the job counted in flight until the permit drops. The batch bounds how many of its jobs
+    /// run at once ([`KeyQuota::batch_width`]), so the count is not checked here.
+    pub fn admit_batch_job(self: &Arc<Self>, now: Instant) -> Result<QuotaPermit, GatewayError> {
+        self.inflight.fetch_add(1, Ordering::Relaxed);
+        let permit = QuotaPermit(Arc::clone(self));
+        self.take_token(now)?;
+        Ok(permit)
+    }
+
+    /// One token from the key's bucket, or 429.
+    fn take_token(&self, now: Instant) -> Result<(), GatewayError> {
         let taken = self.bucket.lock().expect("bucket lock").take(now);
         taken.map_err(|retry_after| {
             metrics::rejection("rate_limited");
@@ -89,8 +105,13 @@ impl KeyQuota {
                 reason: "request rate above this API key's quota",
                 retry_after,
             }
-        })?;
-        Ok(permit)
+        })
+    }
+
+    /// How many jobs of a batch may run at once: the key's in-flight quota less the batch
+    /// request itself, at least one.
+    pub fn batch_width(&self) -> usize {
+        self.max_concurrent.saturating_sub(1).max(1) as usize
     }
 }
 
@@ -182,7 +203,14 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
 /// streamed answer, a socket): holding a clone keeps the request counted against its key's
 /// concurrency until the stream ends.
 #[derive(Debug, Clone)]
-pub struct Held(#[allow(dead_code)] Arc<QuotaPermit>);
+pub struct Held(Arc<QuotaPermit>);
+
+impl Held {
+    /// The quota of the key the request came with.
+    pub fn quota(&self) -> &Arc<KeyQuota> {
+        &(self.0).0
+    }
+}
 
 /// Middleware for the public `/v1/*` routes.
 pub async fn client_auth(State(gw): State<Arc<Gateway>>, request: Request, next: Next) -> Response {

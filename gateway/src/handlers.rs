@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::{from_fn, from_fn_with_state};
@@ -21,13 +22,13 @@ use codefleet_shared::{
 };
 use serde_json::json;
 
-use crate::dispatch::{call_bound, job_timeout, place, stream_bound, Delivery, Job, Reply};
+use crate::dispatch::{call_bound, job_timeout, place, stream_bound, Delivery, Job, Placed, Reply};
 use crate::edge::{self, Held, JsonBody};
 use crate::error::{problem_response, GatewayError};
 use crate::judge0 as j0;
 use crate::membership::{NodeHandle, Snapshot};
 use crate::metrics::{self, LanguageLabel};
-use crate::routing::NodeId;
+use crate::routing::{program_affinity, NodeId};
 use crate::stream::{self, StreamLimits};
 use crate::submissions as subs;
 use crate::{connect, piston, Gateway};
@@ -40,6 +41,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
     let public = Router::new()
         .route("/v1/execute", post(execute))
         .route("/v1/judge", post(crate::judge::judge))
+        .route("/v1/batch", post(crate::batch::batch))
         .route("/v1/connect", get(connect::connect))
         .route("/v1/languages", get(languages))
         .route("/v1/sessions", post(create_session))
@@ -154,12 +156,12 @@ pub(crate) fn labelled(
 
 /// An agent's execute answer, completed with where and how it ran (`stream::Relay` adds the
 /// same to a streamed result).
-fn execute_answer(
+pub(crate) fn execute_answer(
     reply: Reply,
     node: &NodeId,
     attempts: u32,
     waited: Duration,
-) -> Result<Response, GatewayError> {
+) -> Result<ExecuteResponse, GatewayError> {
     let body = reply.expect(StatusCode::OK, node)?;
     let mut answer: ExecuteResponse =
         serde_json::from_slice(&body).map_err(|e| GatewayError::BadAnswer {
@@ -171,7 +173,7 @@ fn execute_answer(
     answer.attempts = Some(attempts);
     answer.timing.queued_ms += waited;
     answer.timing.total_ms += waited;
-    Ok(Json(answer).into_response())
+    Ok(answer)
 }
 
 /// How an execute request wants its answer, and what a streamed one holds on to.
@@ -232,21 +234,7 @@ async fn run_execute(
     answering: Answering,
     label: &mut Option<String>,
 ) -> Result<Response, GatewayError> {
-    let snapshot = gw.snapshot();
-    let version = request.version.as_deref().filter(|v| !v.is_empty());
-    let limits = check_job(gw, &request)?;
-    let (info, runtime) = resolve_language(&snapshot, request.language.as_deref(), version)?;
-    *label = Some(info.name.clone());
-    let job = Job {
-        language: &info.name,
-        version,
-        runtime: Some(runtime),
-        path: "/v1/execute",
-        body: raw,
-        timeout: job_timeout(&limits, gw.config().dispatch_margin()),
-        delivery: answering.delivery(),
-    };
-    let placed = place(gw, job).await?;
+    let placed = place_execute(gw, &request, raw, answering.delivery(), label).await?;
     if answering.stream {
         return stream::respond(
             placed,
@@ -255,7 +243,36 @@ async fn run_execute(
             answering.held,
         );
     }
-    execute_answer(placed.reply, &placed.node, placed.attempts, placed.waited)
+    let answer = execute_answer(placed.reply, &placed.node, placed.attempts, placed.waited)?;
+    Ok(Json(answer).into_response())
+}
+
+/// Checks an execute request (`raw` its body as it came) and places it on a node. A buffered
+/// job of a compiled language goes by its program's affinity, to the node that has it compiled.
+pub(crate) async fn place_execute(
+    gw: &Gateway,
+    request: &ExecuteRequest,
+    raw: Bytes,
+    delivery: Delivery,
+    label: &mut Option<String>,
+) -> Result<Placed, GatewayError> {
+    let snapshot = gw.snapshot();
+    let version = request.version.as_deref().filter(|v| !v.is_empty());
+    let limits = check_job(gw, request)?;
+    let (info, runtime) = resolve_language(&snapshot, request.language.as_deref(), version)?;
+    *label = Some(info.name.clone());
+    let cached = info.compiled && delivery == Delivery::Buffered;
+    let job = Job {
+        language: &info.name,
+        version,
+        runtime: Some(runtime),
+        path: "/v1/execute",
+        body: raw,
+        timeout: job_timeout(&limits, gw.config().dispatch_margin()),
+        delivery,
+        affinity: cached.then(|| program_affinity(&info.name, request)),
+    };
+    place(gw, job).await
 }
 
 async fn languages(State(gw): State<Arc<Gateway>>) -> Json<Vec<LanguageInfo>> {
@@ -289,6 +306,7 @@ async fn run_create_session(
         body: raw,
         timeout: job_timeout(&limits, gw.config().dispatch_margin()),
         delivery: Delivery::Buffered,
+        affinity: None,
     };
     let placed = place(gw, job).await?;
     let body = placed.reply.expect(StatusCode::CREATED, &placed.node)?;
@@ -344,7 +362,8 @@ async fn session_execute(
         return stream::respond(placed, limits, answering.disconnect, answering.held);
     }
     let reply = call_bound(&gw, &node, Method::POST, &path, Some(raw), timeout).await?;
-    execute_answer(reply, &node.id, 1, Duration::ZERO)
+    let answer = execute_answer(reply, &node.id, 1, Duration::ZERO)?;
+    Ok(Json(answer).into_response())
 }
 
 async fn delete_session(

@@ -1,13 +1,15 @@
 //! `POST /v1/judge` at the gateway: checked at the edge as an execute is (the program's files,
 //! arguments, limits and language; the tests, each test's limits and the checker as the agent
 //! checks them), routed by the program's language through the same quotas, queue and retries
-//! (only a node that cannot have started it is passed over), with a timeout that covers one
+//! (only a node that cannot have started it is passed over; a compiled program by its
+//! affinity, to the node that has it compiled), with a timeout that covers one
 //! compile and every test's run (and the checker's). The agent's answer passes through with the
 //! node, the attempts and the gateway's wait added.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -22,6 +24,7 @@ use crate::edge::JsonBody;
 use crate::error::GatewayError;
 use crate::handlers::{check_job, labelled, resolve_language};
 use crate::membership::Snapshot;
+use crate::routing::program_affinity;
 use crate::Gateway;
 
 pub async fn judge(State(gw): State<Arc<Gateway>>, body: JsonBody<JudgeRequest>) -> Response {
@@ -82,13 +85,26 @@ async fn run_judge(
     }: JsonBody<JudgeRequest>,
     label: &mut Option<String>,
 ) -> Result<Response, GatewayError> {
+    let answer = judge_answer(gw, &request, raw, label).await?;
+    Ok(Json(answer).into_response())
+}
+
+/// Checks a judge request (`raw` its body as it came), places it on a node (the one that has
+/// the program compiled, while it has room) and returns the node's answer.
+pub(crate) async fn judge_answer(
+    gw: &Gateway,
+    request: &JudgeRequest,
+    raw: Bytes,
+    label: &mut Option<String>,
+) -> Result<JudgeResponse, GatewayError> {
     let snapshot = gw.snapshot();
     let Checked {
         language: info,
         runtime,
         budget,
-    } = check(gw, &snapshot, &request)?;
-    let version = request.program.version.as_deref().filter(|v| !v.is_empty());
+    } = check(gw, &snapshot, request)?;
+    let program = &request.program;
+    let version = program.version.as_deref().filter(|v| !v.is_empty());
     *label = Some(info.name.clone());
     let job = Job {
         language: &info.name,
@@ -99,6 +115,7 @@ async fn run_judge(
         timeout: budget + gw.config().dispatch_margin(),
         // Judges stream from an agent only: through a gateway the answer is the buffered one.
         delivery: Delivery::Buffered,
+        affinity: info.compiled.then(|| program_affinity(&info.name, program)),
     };
     let placed = place(gw, job).await?;
     let body = placed.reply.expect(StatusCode::OK, &placed.node)?;
@@ -112,5 +129,5 @@ async fn run_judge(
     answer.attempts = Some(placed.attempts);
     answer.timing.queued_ms += waited;
     answer.timing.total_ms += waited;
-    Ok(Json(answer).into_response())
+    Ok(answer)
 }

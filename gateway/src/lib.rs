@@ -16,6 +16,7 @@
 //! - `metrics`: what `/metrics` exports.
 #![forbid(unsafe_code)]
 
+mod batch;
 pub mod config;
 mod connect;
 pub mod dispatch;

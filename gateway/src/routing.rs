@@ -8,6 +8,12 @@
 //! `n` candidates (Mirrokni, Thorup and Zadimoghaddam, "Consistent Hashing with Bounded Loads").
 //! The bound always leaves at least one candidate under it, so with free slots everywhere no node
 //! ends above `c` times the average.
+//!
+//! A compiled program may carry a secondary key, its *affinity* (a hash of the program's files,
+//! [`program_affinity`]): its walk is then the ring's order for that key instead of the
+//! language's, over the same candidates and under the same bound, so the same program goes to
+//! the same node, the one holding it in its compile cache, while that node has room, and spills
+//! along an order of its own when it has not.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -50,13 +56,44 @@ impl fmt::Debug for NodeId {
     }
 }
 
-/// A routing key (a language name), hashed as its bytes.
-struct Key<'a>(&'a str);
+/// A routing key: a language name, hashed as its bytes, or a program's affinity.
+enum Key<'a> {
+    Language(&'a str),
+    Program(u64),
+}
 
 impl Hash for Key<'_> {
     fn hash<H: Hasher>(&self, state: &mut H) {
-        state.write(self.0.as_bytes());
+        match self {
+            Key::Language(name) => state.write(name.as_bytes()),
+            // `~` is outside the characters of a language name: no language hashes the same.
+            Key::Program(affinity) => {
+                state.write(b"~program~");
+                state.write(&affinity.to_le_bytes());
+            }
+        }
     }
+}
+
+/// A program's affinity for `language`: a hash of its `source`, or of each file's name,
+/// encoding and content. The same bytes give the same key on every gateway.
+pub fn program_affinity(language: &str, request: &codefleet_shared::ExecuteRequest) -> u64 {
+    let mut hasher = RingHasher::default();
+    let mut part = |bytes: &[u8]| {
+        hasher.write(&(bytes.len() as u64).to_le_bytes());
+        hasher.write(bytes);
+    };
+    part(language.as_bytes());
+    if let Some(source) = &request.source {
+        part(b"source");
+        part(source.as_bytes());
+    }
+    for file in request.files.iter().flatten() {
+        part(file.name.as_bytes());
+        part(format!("{:?}", file.encoding).as_bytes());
+        part(file.content.as_bytes());
+    }
+    hasher.finish()
 }
 
 /// The ring's hash: FNV-1a over the bytes, finished with murmur3's `fmix64`. Plain FNV-1a (the
@@ -141,6 +178,9 @@ pub struct Want<'a> {
     pub runtime: Option<&'a str>,
     /// Nodes already tried for this job.
     pub exclude: &'a [NodeId],
+    /// The program's affinity (see [`program_affinity`]): walk its order instead of the
+    /// language's.
+    pub affinity: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -226,7 +266,12 @@ impl<L> RoutingTable<L> {
 
     /// The node owning `key` on the ring, whatever its load or languages.
     pub fn primary(&self, key: &str) -> Option<&NodeId> {
-        self.ring.try_get(Key(key))
+        self.ring.try_get(Key::Language(key))
+    }
+
+    /// The node owning a program's affinity on the ring, whatever its load or languages.
+    pub fn home(&self, affinity: u64) -> Option<&NodeId> {
+        self.ring.try_get(Key::Program(affinity))
     }
 
     /// Fraction of the key space each node owns as a primary (sums to 1 over a non-empty ring).
@@ -268,7 +313,11 @@ impl<L> RoutingTable<L> {
         }
         let bound = (balance_factor * (total + 1) as f64 / count as f64).ceil() as u64;
         let mut fallback: Option<(u64, &NodeEntry<L>)> = None;
-        for id in self.ring.replicas(Key(want.language)) {
+        let key = match want.affinity {
+            Some(affinity) => Key::Program(affinity),
+            None => Key::Language(want.language),
+        };
+        for id in self.ring.replicas(key) {
             let entry = &self.nodes[self.index[id]];
             let Some(runtimes) = entry.languages.get(want.language) else {
                 continue;
@@ -352,6 +401,7 @@ mod tests {
             version: None,
             runtime: None,
             exclude: &[],
+            affinity: None,
         }
     }
 
@@ -492,6 +542,103 @@ mod tests {
         assert!(pick(&table, &want, &[0, 0]).is_some());
         let busy_first = [2, 0];
         assert_eq!(pick(&table, &want, &busy_first), Some(1));
+    }
+
+    fn by_program(affinity: u64) -> Want<'static> {
+        Want {
+            affinity: Some(affinity),
+            ..want("cpp")
+        }
+    }
+
+    #[test]
+    fn a_program_goes_home_while_its_home_has_room() {
+        let table = table(10);
+        let mut loads = vec![0u32; 10];
+        let mut homes = std::collections::BTreeSet::new();
+        for affinity in 0..200u64 {
+            let home = pick(&table, &by_program(affinity), &loads).unwrap();
+            assert_eq!(table.home(affinity).unwrap(), &table.nodes()[home].id);
+            assert_eq!(pick(&table, &by_program(affinity), &loads), Some(home));
+            homes.insert(home);
+        }
+        assert_eq!(
+            homes.len(),
+            10,
+            "programs of one language spread over its nodes"
+        );
+        // Its home at the bound: the program spills along its own order, the same each time,
+        // and comes back once its home has room again.
+        let home = pick(&table, &by_program(7), &loads).unwrap();
+        loads[home] = 1;
+        let spill = pick(&table, &by_program(7), &loads).unwrap();
+        assert_ne!(spill, home);
+        assert_eq!(pick(&table, &by_program(7), &loads), Some(spill));
+        loads[home] = 0;
+        assert_eq!(pick(&table, &by_program(7), &loads), Some(home));
+        // A language's own key is not a program's: without affinity, its primary.
+        let primary = pick(&table, &want("cpp"), &loads).unwrap();
+        assert_eq!(table.primary("cpp").unwrap(), &table.nodes()[primary].id);
+    }
+
+    #[test]
+    fn a_programs_walk_keeps_to_the_candidates_and_the_bound() {
+        // Its home without the language: the next node of its order that has it.
+        let mut entries: Vec<NodeEntry<usize>> = (0..5).map(|i| node(i, u32::MAX)).collect();
+        let five = RoutingTable::new(VNODES, entries.clone());
+        let home = pick(&five, &by_program(3), &[0; 5]).unwrap();
+        entries[home].languages.remove("cpp");
+        let without = RoutingTable::new(VNODES, entries);
+        let moved = pick(&without, &by_program(3), &[0; 5]).unwrap();
+        assert_ne!(moved, home);
+        let excluded = [five.nodes()[home].id.clone()];
+        let want = Want {
+            exclude: &excluded,
+            ..by_program(3)
+        };
+        assert_eq!(pick(&five, &want, &[0; 5]), Some(moved), "the same order");
+        // Many jobs of few programs: the bound holds as for languages.
+        let n = 10;
+        let table = table(n);
+        let mut loads = vec![0u32; n];
+        let mut rng = Rng(11);
+        let jobs = 4 * n * 25;
+        for _ in 0..jobs {
+            let affinity = rng.below(3) as u64;
+            let i = pick(&table, &by_program(affinity), &loads).unwrap();
+            loads[i] += 1;
+        }
+        let max = f64::from(*loads.iter().max().unwrap());
+        assert!(max / (jobs as f64 / n as f64) <= 1.25, "loads {loads:?}");
+    }
+
+    #[test]
+    fn program_affinity_is_the_files() {
+        let request = |source: &str| codefleet_shared::ExecuteRequest {
+            source: Some(source.to_string()),
+            stdin: Some("ignored".into()),
+            ..Default::default()
+        };
+        let a = program_affinity("cpp", &request("int main(){}"));
+        let mut other_input = request("int main(){}");
+        other_input.stdin = Some("other".into());
+        other_input.args = Some(vec!["x".into()]);
+        assert_eq!(program_affinity("cpp", &other_input), a);
+        assert_ne!(program_affinity("cpp", &request("int main(){ }")), a);
+        assert_ne!(program_affinity("c", &request("int main(){}")), a);
+        let file = |name: &str, content: &str| codefleet_shared::FileSpec {
+            name: name.into(),
+            content: content.into(),
+            encoding: Default::default(),
+        };
+        let files = |f: Vec<codefleet_shared::FileSpec>| codefleet_shared::ExecuteRequest {
+            files: Some(f),
+            ..Default::default()
+        };
+        assert_ne!(
+            program_affinity("cpp", &files(vec![file("ab", "c")])),
+            program_affinity("cpp", &files(vec![file("a", "bc")]))
+        );
     }
 
     #[test]

@@ -81,6 +81,14 @@ pub async fn submit(
         }
     };
     *label = Some(language.name.clone());
+    // A compiled program goes where it was compiled before, as a synchronous one does.
+    let program = request
+        .execute
+        .as_ref()
+        .or(request.judge.as_ref().map(|j| &j.program));
+    let affinity = program
+        .filter(|_| language.compiled)
+        .map(|p| crate::routing::program_affinity(&language.name, p));
     let config = gw.config();
     let mut tried: Vec<NodeId> = Vec::new();
     let mut last: Option<(NodeId, AttemptError)> = None;
@@ -90,6 +98,7 @@ pub async fn submit(
             version,
             runtime: Some(runtime),
             exclude: &tried,
+            affinity,
         };
         let table = &snapshot.table;
         let decision = match table.choose(&want, config.balance_factor, |node| node.load()) {

@@ -458,6 +458,7 @@ impl Agent {
             env: vec![],
             stream: false,
             outputs: None,
+            snapshot_max_bytes: 0,
         };
         let stages = sandbox
             .run(job, Duration::from_secs(30), None)

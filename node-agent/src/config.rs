@@ -91,6 +91,12 @@ pub struct Config {
     #[arg(long, env = "CODEFLEET_RECYCLE_AFTER", default_value_t = 100)]
     pub recycle_after: u32,
 
+    /// The compile cache's size: compiled programs (the work dir after a compile stage that
+    /// succeeded) kept in the agent's memory, least recently used dropped first; a program
+    /// larger than an eighth of it is not kept. 0 turns the cache off.
+    #[arg(long, env = "CODEFLEET_COMPILE_CACHE_BYTES", default_value_t = 256 << 20)]
+    pub compile_cache_bytes: u64,
+
     /// Sessions held at once on this node.
     #[arg(long, env = "CODEFLEET_MAX_SESSIONS", default_value_t = 16)]
     pub max_sessions: u32,

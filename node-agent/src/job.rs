@@ -134,6 +134,7 @@ impl Prepared {
                 max_files: l.output_files,
                 max_bytes: l.output_files_bytes,
             }),
+            snapshot_max_bytes: 0,
         }
     }
 }

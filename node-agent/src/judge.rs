@@ -10,6 +10,10 @@
 //!
 //! A `program` checker is a second program, compiled once in a sandbox of its own from the
 //! pools, frozen and restored the same way, run for each test that ran to completion.
+//!
+//! A program the node compiled before (by a judge or an execute) comes from the compile cache
+//! (`compile_cache`): its kept files are written instead of its sources, nothing is compiled,
+//! and the freeze is the same.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,6 +31,7 @@ use codefleet_shared::{
 };
 
 use crate::agent::Agent;
+use crate::compile_cache as cache;
 use crate::config::Config;
 use crate::error::AgentError;
 use crate::job::{job_deadline, new_id, Prepared};
@@ -148,7 +153,9 @@ impl Agent {
             message: why.map(str::to_string),
         };
         let mut tests = Vec::with_capacity(judge.tests.len());
-        let (compile, failed) = match program.load().await {
+        let loaded = program.load().await;
+        let cached = program.cached;
+        let (compile, failed) = match loaded {
             Ok(Compiled::Ok(compile)) => (compile, None),
             Ok(Compiled::Failed(compile)) => (Some(compile), Some(Verdict::CompileError)),
             Err(failure) => {
@@ -197,7 +204,7 @@ impl Agent {
             verdict,
             first_failure,
             compile,
-            cached: false,
+            cached,
             checker: judge.checker.name().to_string(),
             tests,
             node: self.node().to_string(),
@@ -408,6 +415,8 @@ struct Loaded<'a> {
     sandbox: Option<Sandbox>,
     /// The sandbox's job count before the judge took it: a judge counts as one job.
     jobs_before: u32,
+    /// The loaded program came from the compile cache.
+    cached: bool,
 }
 
 impl<'a> Loaded<'a> {
@@ -422,6 +431,7 @@ impl<'a> Loaded<'a> {
             _in_use: in_use,
             sandbox: None,
             jobs_before: 0,
+            cached: false,
         }
     }
 
@@ -438,6 +448,17 @@ impl<'a> Loaded<'a> {
             let mut job = self.prepared.job(sandbox.uid, self.config, false);
             job.outputs = None; // a judge answers with verdicts, not files
             job.stages.retain(|s| s.name == "compile");
+            let cache = self.sandboxes.compile_cache();
+            let cached = cache.lookup(self.prepared);
+            match &cached {
+                cache::Use::Off => {}
+                cache::Use::Miss(_) => job.snapshot_max_bytes = cache.entry_limit(),
+                // The program's files as its compile left them, and no compile.
+                cache::Use::Hit(program) => {
+                    job.files = program.files.clone();
+                    job.stages.clear();
+                }
+            }
             let deadline = job_deadline(&self.prepared.limits);
             let stages = match sandbox.run(job, deadline, None).await {
                 Err(SandboxError::Dead(why)) if dead < MAX_DEAD => {
@@ -449,9 +470,21 @@ impl<'a> Loaded<'a> {
                 Err(e) => return Err(failure(self.sandboxes, sandbox, e).await),
                 Ok(stages) => stages,
             };
-            metrics::counter!("codefleet_judge_compiles_total", "language" => self.key.language.clone())
-                .increment(1);
-            // Without a compile stage a failed stage is the files' write (reported as `run`).
+            let hit = match &cached {
+                cache::Use::Hit(program) => Some(program.compile.clone()),
+                _ => None,
+            };
+            if hit.is_none() {
+                let language = self.key.language.clone();
+                metrics::counter!("codefleet_judge_compiles_total", "language" => language.clone())
+                    .increment(1);
+                if stages.iter().any(|s| s.name == "compile") {
+                    metrics::counter!("codefleet_compiles_total", "language" => language)
+                        .increment(1);
+                }
+            }
+            // A failed stage without a compile stage is the files' write (reported as `run`):
+            // the work dir could not hold them.
             if let Some(failed) = stages.iter().find(|s| s.result.status != Status::Ok) {
                 let result = failed.result.clone();
                 self.sandbox = Some(sandbox);
@@ -461,9 +494,15 @@ impl<'a> Loaded<'a> {
             if let Err(e) = sandbox.freeze().await {
                 return Err(failure(self.sandboxes, sandbox, e).await);
             }
-            self.sandbox = Some(sandbox);
             let compile = stages.into_iter().find(|s| s.name == "compile");
-            return Ok(Compiled::Ok(compile.map(|s| s.result)));
+            if let (cache::Use::Miss(key), Some(files), Some(c)) =
+                (&cached, sandbox.snapshot.take(), &compile)
+            {
+                cache.insert(*key, files, c.result.clone());
+            }
+            self.sandbox = Some(sandbox);
+            self.cached = hit.is_some();
+            return Ok(Compiled::Ok(hit.or(compile.map(|s| s.result))));
         }
     }
 

@@ -16,6 +16,7 @@
 pub mod agent;
 pub mod callback;
 pub mod catalog;
+pub mod compile_cache;
 pub mod config;
 pub mod connect;
 pub mod docker;

@@ -20,6 +20,7 @@ use codefleet_shared::sandbox::{Event, StageOutcome};
 use codefleet_shared::stream::{JobEvent, OutputStream};
 use codefleet_shared::{ExecuteResponse, LanguageRef, StageResult, Status, Timing};
 
+use crate::compile_cache as cache;
 use crate::config::Config;
 use crate::error::AgentError;
 use crate::job::{new_id, Prepared};
@@ -95,11 +96,13 @@ pub struct Runner {
     sessions: Arc<Sessions>,
 }
 
-/// What the `accepted` event and the answer say about where the job ran.
+/// What the `accepted` event and the answer say about where the job ran, and what it does
+/// with the compile cache.
 struct Placement<'a> {
     prepared: &'a Prepared,
     ticket: &'a Ticket,
     source: &'static str,
+    cache: &'a cache::Use,
 }
 
 impl Runner {
@@ -186,8 +189,13 @@ impl Runner {
             .sandboxes
             .key(&prepared.language, prepared.limits.memory_bytes);
         let in_use = self.sandboxes.begin(&key);
+        // The compile cache serves buffered jobs: a stream's compile events are the compiler's.
+        let cache = match stream {
+            None if !prepared.interactive => self.sandboxes.compile_cache().lookup(prepared),
+            _ => cache::Use::Off,
+        };
         let mut dead = 0;
-        let (outcome, sandbox, source, id) = loop {
+        let (outcome, mut sandbox, source, id) = loop {
             let (mut sandbox, source) = match self.sandboxes.take(&key, prepared.isolation).await {
                 Some(found) => found,
                 None => match self.sandboxes.start(&key, "pool").await {
@@ -219,6 +227,7 @@ impl Runner {
                 prepared,
                 ticket,
                 source: source.as_str(),
+                cache: &cache,
             };
             let (id, outcome) = self
                 .attempt(&mut sandbox, &place, stream.as_deref_mut())
@@ -240,7 +249,20 @@ impl Runner {
         drop(slot);
         let response = match outcome {
             Ok(ran) => {
-                let response = self.respond(id, prepared, ran, ticket, source.as_str());
+                if let (cache::Use::Miss(key), Some(files)) = (&cache, sandbox.snapshot.take()) {
+                    let compiled = ran.stages.iter().find(|s| s.name == "compile");
+                    if let Some(c) = compiled.filter(|c| c.result.status == Status::Ok) {
+                        let compile = c.result.clone();
+                        self.sandboxes.compile_cache().insert(*key, files, compile);
+                    }
+                }
+                let place = Placement {
+                    prepared,
+                    ticket,
+                    source: source.as_str(),
+                    cache: &cache,
+                };
+                let response = self.respond(id, &place, ran);
                 // Start the reset before releasing the key, so the refiller never sees the
                 // sandbox as neither in use nor coming back.
                 self.sandboxes.recycle(key.clone(), sandbox);
@@ -268,12 +290,13 @@ impl Runner {
             prepared,
             ticket,
             source: "session",
+            cache: &cache::Use::Off,
         };
         let (id, outcome) = self.attempt(sandbox, &place, stream).await;
         drop(slot);
         session.touch();
         Ok(match outcome {
-            Ok(ran) => self.respond(id, prepared, ran, ticket, "session"),
+            Ok(ran) => self.respond(id, &place, ran),
             Err(e) => {
                 // The session's sandbox is gone; so is the session.
                 let sandbox = guard.take().expect("checked above");
@@ -291,7 +314,18 @@ impl Runner {
         stream: Option<&mut Stream>,
     ) -> (String, Result<Ran, SandboxError>) {
         let prepared = place.prepared;
-        let job = prepared.job(sandbox.uid, &self.config, stream.is_some());
+        let mut job = prepared.job(sandbox.uid, &self.config, stream.is_some());
+        match place.cache {
+            cache::Use::Off => {}
+            cache::Use::Miss(_) => {
+                job.snapshot_max_bytes = self.sandboxes.compile_cache().entry_limit();
+            }
+            // The program as its compile left it, instead of its sources and the compile.
+            cache::Use::Hit(program) => {
+                job.files = program.files.clone();
+                job.stages.retain(|s| s.name != "compile");
+            }
+        }
         let id = job.id.clone();
         let within = prepared.deadline();
         let Some(stream) = stream else {
@@ -321,17 +355,15 @@ impl Runner {
         (id, outcome)
     }
 
-    /// Builds the answer from the stages that ran and the files collected after them.
-    fn respond(
-        &self,
-        id: String,
-        p: &Prepared,
-        ran: Ran,
-        ticket: &Ticket,
-        source: &str,
-    ) -> ExecuteResponse {
+    /// Builds the answer from the stages that ran (and, for a program from the compile cache,
+    /// its compile stage as it ran then) and the files collected after them.
+    fn respond(&self, id: String, place: &Placement<'_>, ran: Ran) -> ExecuteResponse {
+        let (p, ticket) = (place.prepared, place.ticket);
         let mut compile = None;
         let mut run = None;
+        if let cache::Use::Hit(program) = place.cache {
+            compile = Some(program.compile.clone());
+        }
         for s in ran.stages {
             if let Some(ms) = s.kill_overshoot_ms {
                 metrics::histogram!("codefleet_timeout_overshoot_seconds").record(ms / 1e3);
@@ -350,7 +382,10 @@ impl Runner {
             run = None;
         }
         let mut response = self.answer(id, p, ticket, status, (compile, run));
-        response.sandbox = Some(source.to_string());
+        response.sandbox = Some(place.source.to_string());
+        if place.cache.is_hit() {
+            response.cached = Some(true);
+        }
         if p.outputs.is_some() {
             let collected = ran.outputs.unwrap_or_default();
             response.files = Some(collected.files);
@@ -374,6 +409,7 @@ impl Runner {
             compile,
             run,
             node: self.node().to_string(),
+            cached: p.language.compile.is_some().then_some(false),
             timing: Timing {
                 queued_ms: ticket.queued.as_millis() as u64,
                 total_ms: ticket.received.elapsed().as_millis() as u64,
@@ -613,7 +649,12 @@ fn complete_prefix(bytes: &[u8]) -> usize {
 fn record(r: &ExecuteResponse, p: &Prepared) {
     let lang = p.language.name.clone();
     metrics::counter!("codefleet_executions_total", "language" => lang.clone(), "status" => r.status.as_str()).increment(1);
-    for (stage, result) in [("compile", &r.compile), ("run", &r.run)] {
+    // A compile stage from the cache did not run now.
+    let compiled = r.compile.as_ref().filter(|_| r.cached != Some(true));
+    if compiled.is_some() {
+        metrics::counter!("codefleet_compiles_total", "language" => lang.clone()).increment(1);
+    }
+    for (stage, result) in [("compile", compiled), ("run", r.run.as_ref())] {
         if let Some(s) = result {
             metrics::histogram!("codefleet_execution_stage_seconds", "language" => lang.clone(), "stage" => stage)
                 .record(s.wall_time_ms as f64 / 1e3);

@@ -14,7 +14,7 @@ use tokio::net::UnixListener;
 use tokio::sync::mpsc;
 
 use codefleet_shared::sandbox::{
-    Collected, Command, Event, Job, StageOutcome, CHANNEL_SOCKET, PROTOCOL_VERSION,
+    Collected, Command, Event, Job, SandboxFile, StageOutcome, CHANNEL_SOCKET, PROTOCOL_VERSION,
 };
 
 use crate::engine::{Engine, EngineError, Output, SandboxSpec};
@@ -124,6 +124,9 @@ pub struct Sandbox {
     pub id: String,
     pub uid: u32,
     pub jobs_run: u32,
+    /// The work dir after the last job's compile stage, when that job asked for it (the
+    /// compile cache takes it).
+    pub snapshot: Option<Vec<SandboxFile>>,
     input: std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>,
     /// Read by whoever waits for an event, in its own task: no hop through another task on
     /// the way from the supervisor's answer to the caller's response.
@@ -211,6 +214,7 @@ impl Sandbox {
             id,
             uid: job_uid(),
             jobs_run: 0,
+            snapshot: None,
             input: Box::pin(tokio::io::sink()),
             output: Box::pin(futures_util::stream::empty()),
             lines: Lines::default(),
@@ -337,6 +341,7 @@ impl Sandbox {
         }
         let id = job.id.clone();
         self.jobs_run += 1;
+        self.snapshot = None;
         match self.send(&Command::Job(job)).await {
             Ok(()) => {}
             Err(SandboxError::Lost) => {
@@ -415,8 +420,10 @@ impl Sandbox {
                     id: got,
                     stages,
                     outputs,
+                    snapshot,
                 } if got == id => {
                     self.owed = Owed::Nothing;
+                    self.snapshot = snapshot;
                     return Ok(Ran { stages, outputs });
                 }
                 Event::JobFailed { id: got, message } if got == id => {
@@ -603,6 +610,7 @@ mod tests {
             id: "test".into(),
             uid: 1,
             jobs_run: 0,
+            snapshot: None,
             input: Box::pin(tokio::io::sink()),
             output: Box::pin(futures_util::stream::iter(items).fuse()),
             lines: Lines::default(),

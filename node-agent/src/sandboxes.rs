@@ -14,6 +14,7 @@ use codefleet_shared::validate::JobFile;
 use codefleet_shared::{Isolation, ResolvedLimits, Status};
 
 use crate::catalog::Language;
+use crate::compile_cache::CompileCache;
 use crate::config::Config;
 use crate::engine::{Engine, SandboxSpec};
 use crate::job::{Prepared, OPEN_FILES};
@@ -49,6 +50,8 @@ pub struct Sandboxes {
     tasks: TaskTracker,
     /// Cancelled at shutdown: tracked tasks stop at their next await.
     stop: CancellationToken,
+    /// Programs compiled here, for jobs that send the same program again.
+    compile_cache: CompileCache,
 }
 
 impl Sandboxes {
@@ -59,7 +62,6 @@ impl Sandboxes {
         (docker, reaper, supervisor): (Arc<dyn Engine>, Reaper, String),
     ) -> Sandboxes {
         Sandboxes {
-            config,
             registry,
             lifecycle,
             docker,
@@ -71,7 +73,13 @@ impl Sandboxes {
             returned: Notify::new(),
             tasks: TaskTracker::new(),
             stop: CancellationToken::new(),
+            compile_cache: CompileCache::new(config.compile_cache_bytes),
+            config,
         }
+    }
+
+    pub fn compile_cache(&self) -> &CompileCache {
+        &self.compile_cache
     }
 
     pub fn docker(&self) -> &dyn Engine {
@@ -126,9 +134,11 @@ impl Sandboxes {
             open_files: OPEN_FILES,
             channel: None,
             // Both streams at the most output a job may keep, each byte escaped as `\uXXXX` at
-            // worst, the output files in base64 (4/3) and room for the rest of the result.
+            // worst, the output files in base64 (4/3), a compiled program's files for the compile
+            // cache (base64), and room for the rest of the result.
             max_answer_bytes: 12 * max.output_bytes as usize
                 + 2 * max.output_files_bytes as usize
+                + (self.compile_cache.entry_limit() * 4 / 3) as usize
                 + (1 << 20),
         }
     }

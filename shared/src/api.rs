@@ -355,6 +355,10 @@ pub struct ExecuteResponse {
     pub run: Option<StageResult>,
     pub node: String,
     pub timing: Timing,
+    /// Whether the compiled program came from the node's compile cache (an extension): present
+    /// for a job whose language compiles, `true` when its compile stage was not run again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cached: Option<bool>,
     /// How the sandbox was obtained: `warm`, `fresh`, `cold` or `session` (an extension).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sandbox: Option<String>,

@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 use crate::api::{OutputFile, SkippedOutput, StageResult};
 
 /// Version of this protocol. Bumped on any incompatible change (5: a job's `outputs`, collected
-/// into its result).
-pub const PROTOCOL_VERSION: u32 = 5;
+/// into its result; 6: the work dir's snapshot after a compile, for the compile cache).
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Environment variable naming the unix socket the supervisor connects to. When it is absent
 /// the supervisor speaks on its stdin and stdout (the container's attach stream) instead.
@@ -74,6 +74,15 @@ pub struct Job {
     /// Files to send back with the result, read after the last stage that ran.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outputs: Option<Outputs>,
+    /// The compile cache: when non-zero and the job's `compile` stage ends `ok`, the work dir
+    /// as the compiler left it (every regular file, at most this many bytes in all) comes back
+    /// in the `Result`'s `snapshot`, taken before any later stage runs. 0: no snapshot.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub snapshot_max_bytes: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// The files a job asks back: regular files only, never through a link.
@@ -166,6 +175,11 @@ pub enum Event {
         stages: Vec<StageOutcome>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         outputs: Option<Collected>,
+        /// The work dir after its `compile` stage, when the job asked for it
+        /// (`Job::snapshot_max_bytes`) and it held only regular files and directories within
+        /// that size.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        snapshot: Option<Vec<SandboxFile>>,
     },
     /// The job could not be run at all (the sandbox is broken, not the program).
     JobFailed {
@@ -225,6 +239,7 @@ mod tests {
                 max_files: 2,
                 max_bytes: 10,
             }),
+            snapshot_max_bytes: 0,
         });
         let line = serde_json::to_string(&job).unwrap();
         assert!(!line.contains('\n'));
@@ -234,6 +249,6 @@ mod tests {
             cgroup: "v1".into(),
         })
         .unwrap();
-        assert_eq!(hello, r#"{"type":"hello","version":5,"cgroup":"v1"}"#);
+        assert_eq!(hello, r#"{"type":"hello","version":6,"cgroup":"v1"}"#);
     }
 }

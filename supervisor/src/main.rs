@@ -19,6 +19,7 @@ mod channel;
 mod outputs;
 mod reset;
 mod run;
+mod snapshot;
 mod sys;
 
 use std::io;
@@ -118,19 +119,20 @@ fn main() {
                 }
                 last_user = Some((job.uid, job.gid));
                 // Answer first, so the reset is off the caller's path.
-                let ran = run::run_job(&job, &ctx, &mut chan).and_then(|stages| {
+                let ran = run::run_job(&job, &ctx, &mut chan).and_then(|(stages, snapshot)| {
                     // After the last stage, when nothing of the job runs any more.
                     let outputs = match &job.outputs {
                         Some(wanted) => Some(outputs::collect(wanted, job.uid, job.gid)?),
                         None => None,
                     };
-                    Ok((stages, outputs))
+                    Ok((stages, outputs, snapshot))
                 });
                 match ran {
-                    Ok((stages, outputs)) => Event::Result {
+                    Ok((stages, outputs, snapshot)) => Event::Result {
                         id: job.id.clone(),
                         stages,
                         outputs,
+                        snapshot,
                     },
                     Err(message) => Event::JobFailed {
                         id: job.id.clone(),

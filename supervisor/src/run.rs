@@ -92,8 +92,11 @@ impl Streamer<'_> {
     }
 }
 
+/// What a job's stages did, and the work dir after its compile stage when the job asked for it.
+pub type Ran = (Vec<StageOutcome>, Option<Vec<SandboxFile>>);
+
 /// Runs `job`; `Err` means the sandbox itself failed (not the program).
-pub fn run_job(job: &Job, ctx: &Context, chan: &mut Channel) -> Result<Vec<StageOutcome>, String> {
+pub fn run_job(job: &Job, ctx: &Context, chan: &mut Channel) -> Result<Ran, String> {
     sys::become_user(job.uid, job.gid).map_err(|e| format!("switching to the job user: {e}"))?;
     let written = write_files(&job.files);
     sys::restore_root().map_err(|e| format!("switching back to root: {e}"))?;
@@ -116,7 +119,7 @@ pub fn run_job(job: &Job, ctx: &Context, chan: &mut Channel) -> Result<Vec<Stage
             });
             let outcome = streamer.failed_before_start(1, &why);
             streamer.event(|id| finished(id, &outcome));
-            return Ok(vec![outcome]);
+            return Ok((vec![outcome], None));
         }
         Err(WriteError::Internal(why)) => return Err(why),
     }
@@ -127,6 +130,7 @@ pub fn run_job(job: &Job, ctx: &Context, chan: &mut Channel) -> Result<Vec<Stage
         open: job.stages.iter().any(|s| s.interactive),
     };
     let mut outcomes = Vec::with_capacity(job.stages.len());
+    let mut snapshot = None;
     for stage in &job.stages {
         let mut streamer = Streamer {
             chan: &mut *chan,
@@ -149,8 +153,13 @@ pub fn run_job(job: &Job, ctx: &Context, chan: &mut Channel) -> Result<Vec<Stage
         if failed {
             break;
         }
+        // The stage's processes are all gone (`run_stage` reaps them): what the work dir holds
+        // now is the compiler's doing alone.
+        if stage.name == "compile" && job.snapshot_max_bytes > 0 {
+            snapshot = crate::snapshot::take(job.uid, job.gid, job.snapshot_max_bytes);
+        }
     }
-    Ok(outcomes)
+    Ok((outcomes, snapshot))
 }
 
 /// A `stage_finished` event: the outcome without the output the stage streamed.

@@ -1046,6 +1046,7 @@ fn canned_answer() -> ExecuteResponse {
             memory_bytes: 8 << 20,
         }),
         node: "bench-stub".into(),
+        cached: None,
         timing: Timing {
             queued_ms: 0,
             total_ms: 0,
@@ -2348,6 +2349,7 @@ fn routing_bench(budget: Duration) -> Routing {
                     version: None,
                     runtime: None,
                     exclude: &[],
+                    affinity: None,
                 };
                 match table.choose(black_box(&want), config.balance_factor, |&i| loads[i]) {
                     Decision::Node(e) => {

@@ -442,49 +442,60 @@ impl Cluster {
             .unwrap_or(Value::Null)
     }
 
-    /// True when the gateway lists `node` as ready with each of the cluster's languages ready,
-    /// and the agent itself serves every runtime of them (image ready, version read): until it
-    /// does, the gateway may not yet know which runtime is a language's newest.
+    /// True when the gateway lists `node` as ready with each of the cluster's languages ready.
     pub async fn is_serving(&self, node: &str) -> bool {
         let info = self.node_info(node).await;
-        let ready = info["state"] == "ready"
+        info["state"] == "ready"
             && self
                 .languages()
                 .iter()
-                .all(|l| info["languages"][l]["image"] == "ready");
-        if !ready {
-            return false;
-        }
-        let own = self.agent(node).api.get("/v1/languages").await.body;
-        let languages = self.languages();
-        own.as_array().is_some_and(|runtimes| {
-            runtimes
-                .iter()
-                .filter(|r| languages.iter().any(|l| r["name"] == *l))
-                .all(|r| {
-                    r["image"] == "ready" && r["version"].as_str().is_some_and(|v| !v.is_empty())
-                })
-        })
+                .all(|l| info["languages"][l]["image"] == "ready")
     }
 
+    /// The versions `node` itself serves of the cluster's languages, as (name, version); `None`
+    /// while one of their runtimes is not served yet (image or version still coming).
+    async fn served_by(&self, node: &str) -> Option<Vec<(String, String)>> {
+        let own = self.agent(node).api.get("/v1/languages").await.body;
+        let languages = self.languages();
+        let mut served = Vec::new();
+        for r in own.as_array()? {
+            if !languages.iter().any(|l| r["name"] == *l) {
+                continue;
+            }
+            let version = r["version"].as_str().filter(|v| !v.is_empty())?;
+            if r["image"] != "ready" {
+                return None;
+            }
+            served.push((r["name"].as_str()?.to_string(), version.to_string()));
+        }
+        Some(served)
+    }
+
+    /// Every node serves every runtime of the cluster's languages, and the gateway knows it:
+    /// it lists each of those runtimes (by version) ready on every node. An agent serves a
+    /// runtime up to one report before the gateway hears of it, and until then the gateway
+    /// would resolve a request without `version` to an older runtime.
     async fn all_serving(&self, nodes: &[String]) -> bool {
+        let mut wanted = Vec::new();
         for node in nodes {
             if !self.is_serving(node).await {
                 return false;
             }
+            match self.served_by(node).await {
+                Some(served) => wanted.extend(served),
+                None => return false,
+            }
         }
-        // Every runtime of every language on every node, as the gateway sees it: a node whose
-        // report still lacks a language's newest runtime gets none of the jobs that want it.
         let listed = self.admin.get("/v1/languages").await.body;
         let Some(listed) = listed.as_array() else {
             return false;
         };
-        self.languages().iter().all(|l| {
-            let runtimes: Vec<&Value> = listed.iter().filter(|r| r["name"] == *l).collect();
-            !runtimes.is_empty()
-                && runtimes
-                    .iter()
-                    .all(|r| r["nodes_ready"].as_u64() >= Some(nodes.len() as u64))
+        wanted.iter().all(|(name, version)| {
+            listed.iter().any(|r| {
+                r["name"] == *name
+                    && r["version"] == *version
+                    && r["nodes_ready"].as_u64() >= Some(nodes.len() as u64)
+            })
         })
     }
 

@@ -272,6 +272,7 @@ async fn send(
         body,
         timeout,
         delivery: Delivery::Buffered,
+        affinity: None,
     };
     let placed = place(gw, job).await?;
     placed.reply.expect(expected, &placed.node)

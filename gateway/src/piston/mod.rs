@@ -253,6 +253,8 @@ impl Prepared {
             body: self.body.clone(),
             timeout: self.timeout,
             delivery,
+            // A stream is not served from the compile cache: no program affinity.
+            affinity: None,
         }
     }
 }

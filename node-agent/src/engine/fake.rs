@@ -703,6 +703,7 @@ impl Supervisor {
             id,
             stages,
             outputs,
+            snapshot: None,
         })
     }
 
@@ -992,6 +993,7 @@ mod tests {
             env: vec![],
             stream,
             outputs: None,
+            snapshot_max_bytes: 0,
         }
     }
 
