@@ -1107,6 +1107,7 @@ fn report_stub(gateway: String, stub: String) -> tokio::task::JoinHandle<()> {
         )]),
         sessions: 0,
         runtimes: vec![],
+        image_bytes: None,
     };
     tokio::spawn(async move {
         let client = http_client();
