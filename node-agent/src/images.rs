@@ -290,6 +290,73 @@ impl Recipe {
 mod tests {
     use super::*;
     use crate::catalog::{Catalog, BUILTIN_CATALOG};
+    use crate::engine::fake::FakeEngine;
+
+    fn pulled_lua() -> Language {
+        let mut lua = Catalog::parse(BUILTIN_CATALOG)
+            .unwrap()
+            .find("lua")
+            .unwrap()
+            .clone();
+        lua.image = "lua-pulled".into();
+        lua.pull = Some("team/lua:5.4".into());
+        lua
+    }
+
+    #[tokio::test]
+    async fn a_pulled_runtime_is_pulled_once_then_labelled_as_the_agents_own() {
+        let fake = FakeEngine::new();
+        fake.add_to_registry("127.0.0.1:5000/team/lua:5.4", 7);
+        let plan = Plan::of(&pulled_lua(), None, Some("127.0.0.1:5000/")).unwrap();
+        assert!(
+            plan.tag.starts_with("codefleet-lua-pulled:"),
+            "{}",
+            plan.tag
+        );
+        let how = obtain(fake.as_ref(), &plan, "c1", Some("127.0.0.1:5000"), "lua/x").await;
+        assert_eq!(how, Ok(Obtained::Pulled));
+        assert_eq!(fake.pulls(), ["127.0.0.1:5000/team/lua:5.4"]);
+        let labels = fake.image_labels(&plan.tag).unwrap();
+        assert_eq!(labels[LABEL_PULLED], "127.0.0.1:5000/team/lua:5.4");
+        assert_eq!(labels[LABEL_CACHE], "c1");
+        assert_eq!(labels[LABEL_RECIPE], plan.hash);
+        // Present now: found, not pulled again.
+        let again = obtain(fake.as_ref(), &plan, "c1", None, "lua/x").await;
+        assert_eq!(again, Ok(Obtained::Found));
+        assert_eq!(fake.pulls().len(), 1);
+        // Another reference is another tag.
+        let mut other = pulled_lua();
+        other.pull = Some("team/lua:5.5".into());
+        let other = Plan::of(&other, None, Some("127.0.0.1:5000")).unwrap();
+        assert_ne!(other.tag, plan.tag);
+        let missing = obtain(fake.as_ref(), &other, "c1", None, "lua/y").await;
+        assert!(missing.unwrap_err().contains("team/lua:5.5"));
+    }
+
+    #[tokio::test]
+    async fn without_a_registry_a_pulled_runtime_uses_its_recipe_or_says_why_not() {
+        let lua = pulled_lua();
+        let why = Plan::of(&lua, None, None).unwrap_err();
+        assert!(why.contains("no --registry"), "{why}");
+        let mut with_recipe = lua.clone();
+        with_recipe.image = "lua".into();
+        let plan = Plan::of(&with_recipe, None, None).unwrap();
+        assert!(matches!(plan.source, Source::Recipe(_)));
+        // A recipe missing from the registry is built, labelled.
+        let fake = FakeEngine::new();
+        let how = obtain(
+            fake.as_ref(),
+            &plan,
+            "c1",
+            Some("127.0.0.1:5000"),
+            "lua/lua",
+        )
+        .await;
+        assert_eq!(how, Ok(Obtained::Built));
+        assert_eq!(fake.pulls(), [format!("127.0.0.1:5000/{}", plan.tag)]);
+        assert_eq!(fake.builds(), [plan.tag.clone()]);
+        assert_eq!(fake.image_labels(&plan.tag).unwrap()[LABEL_IMAGE], "lua");
+    }
 
     #[test]
     fn tags_change_with_the_recipe_and_only_then() {
