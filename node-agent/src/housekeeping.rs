@@ -230,35 +230,40 @@ mod tests {
     /// ones of this cache.
     fn engine() -> std::sync::Arc<FakeEngine> {
         let fake = FakeEngine::new();
-        // Wanted, in this cache.
-        fake.add_labelled_image(
-            "codefleet-lua:aaaaaaaaaaaa",
-            labels("lua", "aaaaaaaaaaaa", "c1"),
-            10,
-        );
-        // Stale in this cache: an older recipe of a wanted name, and a name no longer wanted.
-        fake.add_labelled_image(
-            "codefleet-lua:bbbbbbbbbbbb",
-            labels("lua", "bbbbbbbbbbbb", "c1"),
-            20,
-        );
-        fake.add_labelled_image(
-            "codefleet-gone:dddddddddddd",
-            labels("gone", "dddddddddddd", "c1"),
-            40,
-        );
-        // A name whose hash is unknown here: kept whatever its hash.
-        fake.add_labelled_image(
-            "codefleet-unreadable:eeeeeeeeeeee",
-            labels("unreadable", "eeeeeeeeeeee", "c1"),
-            1,
-        );
-        // Stale by name and hash, but of another cache: never ours.
-        fake.add_labelled_image(
-            "codefleet-lua:ffffffffffff",
-            labels("lua", "ffffffffffff", "c2"),
-            80,
-        );
+        let images = [
+            // Wanted, in this cache.
+            (
+                "codefleet-lua:aaaaaaaaaaaa",
+                ("lua", "aaaaaaaaaaaa", "c1"),
+                10,
+            ),
+            // Stale in this cache: an older recipe of a wanted name, a name no longer wanted.
+            (
+                "codefleet-lua:bbbbbbbbbbbb",
+                ("lua", "bbbbbbbbbbbb", "c1"),
+                20,
+            ),
+            (
+                "codefleet-gone:dddddddddddd",
+                ("gone", "dddddddddddd", "c1"),
+                40,
+            ),
+            // A name whose hash is unknown here: kept whatever its hash.
+            (
+                "codefleet-unreadable:eeeeeeeeeeee",
+                ("unreadable", "eeeeeeeeeeee", "c1"),
+                1,
+            ),
+            // Stale by name and hash, but of another cache: never ours.
+            (
+                "codefleet-lua:ffffffffffff",
+                ("lua", "ffffffffffff", "c2"),
+                80,
+            ),
+        ];
+        for (tag, (image, hash, cache), size) in images {
+            fake.add_labelled_image(tag, labels(image, hash, cache), size);
+        }
         // Unlabelled: an image the agent did not make (an older agent's, anyone's).
         fake.add_labelled_image("codefleet-python:999999999999", BTreeMap::new(), 160);
         fake.add_image("debian:trixie-slim");

@@ -711,19 +711,7 @@ impl Nodes {
 async fn main() -> ExitCode {
     let sizes = Sizes::from_env();
     let nodes = Nodes::new();
-    let cleanup = Cleanup(nodes.all());
-    let outcome = tokio::select! {
-        r = run(sizes, &nodes) => r,
-        _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
-    };
-    drop(cleanup);
-    match outcome {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("fleet bench: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    run_bench("fleet", nodes.all(), run(sizes, &nodes)).await
 }
 
 /// Per language results of the sequential phase.

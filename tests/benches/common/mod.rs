@@ -647,6 +647,28 @@ pub async fn machine(docker: &bollard::Docker) -> String {
     )
 }
 
+/// Runs a bench to its end or Ctrl-C, then removes every container of `nodes`; a failure is
+/// printed as `<name> bench: <error>` and exits 1.
+pub async fn run_bench(
+    name: &str,
+    nodes: Vec<String>,
+    bench: impl Future<Output = anyhow::Result<()>>,
+) -> std::process::ExitCode {
+    let cleanup = Cleanup(nodes);
+    let outcome = tokio::select! {
+        r = bench => r,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
+    drop(cleanup);
+    match outcome {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name} bench: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Node ids of this run; every container of theirs is removed when this drops.
 pub struct Cleanup(pub Vec<String>);
 
