@@ -24,7 +24,10 @@
 //! A job without files (the agent's version probe) prints `<argv[0]> <version>`. Tests also
 //! script the engine: make it unreachable, fail creates, delay supervisors' hello, have the next
 //! sandboxes that get a job die before accepting it, kill a container behind the
-//! agent's back; and they observe every create, remove, build and delivered job.
+//! agent's back; give it images (labelled, of a size) and references a pull finds; and they
+//! observe every create, remove, build, pull, image removal and delivered job. Images are kept
+//! by tag, a tag naming one image id; an image's last tag cannot be removed while a container
+//! made from it exists, as with Docker.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::Path;
