@@ -354,7 +354,7 @@ mod tests {
         .await;
         assert_eq!(how, Ok(Obtained::Built));
         assert_eq!(fake.pulls(), [format!("127.0.0.1:5000/{}", plan.tag)]);
-        assert_eq!(fake.builds(), [plan.tag.clone()]);
+        assert_eq!(fake.builds(), std::slice::from_ref(&plan.tag));
         assert_eq!(fake.image_labels(&plan.tag).unwrap()[LABEL_IMAGE], "lua");
     }
 
