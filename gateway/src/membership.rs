@@ -632,6 +632,7 @@ mod tests {
             languages: [("python".to_string(), python("3.11.2"))].into(),
             sessions: 0,
             runtimes: vec![],
+            image_bytes: None,
         }
     }
 

@@ -25,7 +25,8 @@ use crate::catalog::{parse_version, Catalog, Language};
 use crate::config::Config;
 use crate::engine::{Engine, EngineError};
 use crate::error::AgentError;
-use crate::images::Recipe;
+use crate::housekeeping::{self, Housekeeper, Wanted};
+use crate::images::{self, Obtained, Plan};
 use crate::job::{new_id, Prepared, OPEN_FILES};
 use crate::lease::NodeLease;
 use crate::lifecycle::Lifecycle;
@@ -52,6 +53,7 @@ pub struct Agent {
     sessions: Arc<Sessions>,
     submissions: Arc<Submissions>,
     runner: Runner,
+    housekeeper: Housekeeper,
     /// This agent's hold on its node id (see `lease`); `None` only for agents built by hand.
     lease: Option<NodeLease>,
 }
@@ -73,6 +75,22 @@ impl Agent {
         supervisor: String,
     ) -> Agent {
         let config = Arc::new(config);
+        // Housekeeping keeps the images of every runtime of the catalog file, those `--enable`
+        // leaves out included.
+        let file = Catalog::load(config.languages.as_deref()).ok();
+        let wanted = Wanted::of(
+            &[Some(&catalog), file.as_ref()]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>(),
+            config.images_dir.as_deref(),
+            config.registry.as_deref(),
+        );
+        let housekeeper = Housekeeper::new(
+            wanted,
+            &config.image_cache,
+            Duration::from_secs(config.image_grace_s),
+        );
         let registry = Arc::new(Registry::new(catalog, &config.node_id));
         let lifecycle = Arc::new(Lifecycle::default());
         let slots = Arc::new(Slots::new(
@@ -104,6 +122,7 @@ impl Agent {
             sessions,
             submissions,
             runner,
+            housekeeper,
             lease: None,
         }
     }
@@ -362,56 +381,31 @@ impl Agent {
             languages,
             sessions: self.sessions.len() as u32,
             runtimes,
+            image_bytes: self.housekeeper.image_bytes(),
         }
     }
 
-    /// Finds or builds one language's image, then reads its version from it.
+    /// Finds, pulls or builds one runtime's image, then reads its version from it.
     pub async fn prepare_image(
         self: &Arc<Self>,
         lang: &Language,
-    ) -> Result<(String, String), String> {
+    ) -> Result<(String, String, Obtained), String> {
         let started = Instant::now();
-        let recipe = Recipe::of(lang, self.config.images_dir.as_deref())?;
-        let tag = recipe.tag(&lang.image);
-        let present = self
-            .docker()
-            .image_exists(&tag)
-            .await
-            .map_err(|e| e.to_string())?;
-        if !present {
-            let pulled = match &self.config.registry {
-                Some(registry) => {
-                    let reference = format!("{}/{tag}", registry.trim_end_matches('/'));
-                    tracing::info!(language = %lang.name, %reference, "pulling image");
-                    self.docker()
-                        .pull(&reference, &tag)
-                        .await
-                        .map_err(|e| tracing::info!(error = %e, "pull failed; building"))
-                        .is_ok()
-                }
-                None => false,
-            };
-            if !pulled {
-                tracing::info!(language = %lang.name, %tag, "building image from its recipe");
-                let name = lang.name.clone();
-                let mut last = Instant::now();
-                let mut progress = move |line: &str| {
-                    if line.starts_with("Step ") || last.elapsed() > Duration::from_secs(10) {
-                        last = Instant::now();
-                        tracing::info!(language = %name, progress = %line, "building image");
-                    }
-                };
-                self.docker()
-                    .build(&tag, recipe.context_tar(), &mut progress)
-                    .await
-                    .map_err(|e| match e {
-                        EngineError::ImageMissing { .. } => format!(
-                            "{e} (no base image and no registry: run deploy/images/bootstrap-base.sh)"
-                        ),
-                        e => e.to_string(),
-                    })?;
-            }
-        }
+        let config = &self.config;
+        let plan = Plan::of(
+            lang,
+            config.images_dir.as_deref(),
+            config.registry.as_deref(),
+        )?;
+        let obtained = images::obtain(
+            self.docker(),
+            &plan,
+            &config.image_cache,
+            config.registry.as_deref(),
+            &lang.runtime(),
+        )
+        .await?;
+        let tag = plan.tag;
         // Read the version from the image itself, through a real sandbox.
         self.registry.set(
             &lang.runtime(),
@@ -423,10 +417,7 @@ impl Agent {
         let version = self.probe_version(lang).await;
         metrics::histogram!("codefleet_image_prepare_seconds", "language" => lang.name.clone())
             .record(started.elapsed().as_secs_f64());
-        match version {
-            Ok(v) => Ok((tag, v)),
-            Err(e) => Err(e),
-        }
+        version.map(|v| (tag, v, obtained))
     }
 
     async fn probe_version(&self, lang: &Language) -> Result<String, String> {
@@ -473,34 +464,71 @@ impl Agent {
         })
     }
 
-    /// Prepares every language independently; one failing does not stop the others.
-    pub async fn prepare_all(self: &Arc<Self>) {
-        let builds = Arc::new(Semaphore::new(2));
+    /// Prepares every runtime independently, `--prepare-parallel` at once; one failing does
+    /// not stop the others. `done` is told of each as it ends (how, in how long, or why not).
+    pub async fn prepare_all(
+        self: &Arc<Self>,
+        done: impl Fn(ImagePrepared) + Send + Sync + 'static,
+    ) {
+        let permits = usize::try_from(self.config.prepare_parallel).unwrap_or(1);
+        let permits = Arc::new(Semaphore::new(permits));
+        let done = Arc::new(done);
         let mut tasks = Vec::new();
         for lang in self.registry.catalog().languages.clone() {
             let agent = self.clone();
-            let builds = builds.clone();
+            let permits = permits.clone();
+            let done = done.clone();
             tasks.push(tokio::spawn(async move {
-                let _permit = builds.acquire().await;
-                let status = match agent.prepare_image(&lang).await {
-                    Ok((tag, version)) => {
-                        tracing::info!(language = %lang.name, runtime = %lang.runtime(), %version, %tag, "language ready");
-                        ImageStatus::Ready { tag, version }
+                let _permit = permits.acquire().await;
+                let started = Instant::now();
+                let runtime = lang.runtime();
+                let (status, outcome) = match agent.prepare_image(&lang).await {
+                    Ok((tag, version, obtained)) => {
+                        tracing::info!(language = %lang.name, %runtime, %version, %tag, how = obtained.as_str(), "language ready");
+                        (ImageStatus::Ready { tag, version: version.clone() }, Ok((version, obtained)))
                     }
                     Err(why) => {
                         metrics::counter!("codefleet_image_prepare_failures_total", "language" => lang.name.clone()).increment(1);
-                        tracing::error!(language = %lang.name, runtime = %lang.runtime(), error = %why, "language unavailable");
-                        ImageStatus::Failed(why)
+                        tracing::error!(language = %lang.name, %runtime, error = %why, "language unavailable");
+                        (ImageStatus::Failed(why.clone()), Err(why))
                     }
                 };
-                agent.registry.set(&lang.runtime(), status);
+                agent.registry.set(&runtime, status);
                 agent.sandboxes.refill_soon();
+                done(ImagePrepared {
+                    runtime,
+                    outcome,
+                    took: started.elapsed(),
+                });
             }));
         }
         for t in tasks {
             let _ = t.await;
         }
     }
+
+    /// One housekeeping pass over the engine's images (see `housekeeping`).
+    pub async fn housekeep_images(&self) -> Result<housekeeping::Pass, EngineError> {
+        let serving: Vec<String> = self
+            .registry
+            .catalog()
+            .languages
+            .iter()
+            .filter_map(|l| self.registry.ready_tag(&l.runtime()).ok())
+            .collect();
+        self.housekeeper
+            .pass(self.docker(), &serving, Instant::now())
+            .await
+    }
+}
+
+/// How preparing one runtime's image ended.
+#[derive(Debug, Clone)]
+pub struct ImagePrepared {
+    pub runtime: String,
+    /// The version read and how the image came to be present, or why it is not usable.
+    pub outcome: Result<(String, Obtained), String>,
+    pub took: Duration,
 }
 
 /// Sandboxes left in the pools and sessions at shutdown, for the caller to drop.

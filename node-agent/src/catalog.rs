@@ -43,8 +43,14 @@ pub struct Language {
     pub name: String,
     #[serde(default)]
     pub aliases: Vec<String>,
-    /// Recipe folder under deploy/images/.
+    /// Recipe folder under deploy/images/ (for a runtime pulled from a registry, the name of
+    /// its image here: `codefleet-<image>:<hash>`).
     pub image: String,
+    /// An image to pull from `--registry` instead of building the recipe (`name:tag`, relative
+    /// to the registry), when a registry is configured; it must have the layout
+    /// deploy/images/README.md describes.
+    #[serde(default)]
+    pub pull: Option<String>,
     pub file_name: String,
     /// Command whose output carries the version, read when the image is prepared.
     pub version: Vec<String>,

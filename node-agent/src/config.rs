@@ -51,9 +51,30 @@ pub struct Config {
     #[arg(long, env = "CODEFLEET_IMAGES_DIR")]
     pub images_dir: Option<PathBuf>,
 
-    /// Registry prefix to try pulling language images from before building them.
+    /// A registry (`host:port`) to pull images from: a runtime's `pull` image, else
+    /// `codefleet-<image>:<hash>` before building it from its recipe.
     #[arg(long, env = "CODEFLEET_REGISTRY")]
     pub registry: Option<String>,
+
+    /// The image cache this agent's images belong to (a label on each): housekeeping removes
+    /// only images of its own cache. Agents of different catalogs on one engine need different
+    /// caches.
+    #[arg(long, env = "CODEFLEET_IMAGE_CACHE", default_value = "default")]
+    pub image_cache: String,
+
+    /// Seconds an image of this agent's cache stays after it was first seen stale (its runtime
+    /// left the catalog, or its recipe changed) before it is removed.
+    #[arg(long, env = "CODEFLEET_IMAGE_GRACE_S", default_value_t = 3_600)]
+    pub image_grace_s: u64,
+
+    /// Seconds between image housekeeping passes (disk use measured, stale images removed);
+    /// 0 turns housekeeping off.
+    #[arg(long, env = "CODEFLEET_IMAGE_HOUSEKEEPING_S", default_value_t = 60)]
+    pub image_housekeeping_s: u64,
+
+    /// Images prepared (found, pulled or built) at once.
+    #[arg(long, env = "CODEFLEET_PREPARE_PARALLEL", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..))]
+    pub prepare_parallel: u64,
 
     /// How the agent talks to each sandbox's supervisor: `socket` (a unix socket in a
     /// root-only directory below `--run-dir`, mounted into the sandbox) or `attach` (the

@@ -1,7 +1,7 @@
 //! The only module that talks to Docker: the bollard implementation of `engine::Engine`, with
 //! a timeout on every call and bollard's errors mapped to `EngineError` by what failed.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use bollard::container::LogOutput;
@@ -9,7 +9,8 @@ use bollard::errors::Error as BollardError;
 use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig, ResourcesUlimits};
 use bollard::query_parameters::{
     AttachContainerOptionsBuilder, BuildImageOptionsBuilder, CreateImageOptionsBuilder,
-    ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
+    ListContainersOptionsBuilder, ListImagesOptionsBuilder, RemoveContainerOptionsBuilder,
+    RemoveImageOptionsBuilder,
 };
 use bytes::Bytes;
 use codefleet_shared::sandbox::{CHANNEL_DIR_IN_SANDBOX, CHANNEL_ENV, CHANNEL_SOCKET};
@@ -17,8 +18,8 @@ use futures_util::future::BoxFuture;
 use futures_util::{FutureExt, StreamExt};
 
 use crate::engine::{
-    base_images, Attached, Engine, EngineError, SandboxSpec, Timeouts, LABEL_KIND, LABEL_LANGUAGE,
-    LABEL_NODE, SUPERVISOR_IN_SANDBOX,
+    base_images, Attached, Engine, EngineError, ImageInfo, SandboxSpec, Timeouts, LABEL_KIND,
+    LABEL_LANGUAGE, LABEL_NODE, SUPERVISOR_IN_SANDBOX,
 };
 
 /// What a bollard error says about the engine, for a call that names no particular object.
@@ -111,21 +112,35 @@ impl Docker {
         }
     }
 
-    async fn pull(&self, reference: &str, tag: &str) -> Result<(), EngineError> {
+    async fn pull(
+        &self,
+        reference: &str,
+        progress: &mut (dyn FnMut(&str) + Send),
+    ) -> Result<(), EngineError> {
         let opts = CreateImageOptionsBuilder::default()
             .from_image(reference)
             .build();
         let mut stream = self.inner.create_image(Some(opts), None, None);
         let after = self.timeouts.build;
+        let missing = |message: String| EngineError::ImageMissing {
+            image: reference.to_string(),
+            message,
+        };
         let pulled = tokio::time::timeout(after, async {
             while let Some(item) = stream.next().await {
-                item.map_err(|e| match map("pull")(e) {
-                    EngineError::NotFound { message, .. } => EngineError::ImageMissing {
-                        image: reference.to_string(),
-                        message,
-                    },
+                let info = item.map_err(|e| match map("pull")(e) {
+                    EngineError::NotFound { message, .. } => missing(message),
                     other => other,
                 })?;
+                if let Some(message) = info.error_detail.and_then(|d| d.message) {
+                    return Err(missing(message));
+                }
+                let line = match (info.id.as_deref(), info.status.as_deref()) {
+                    (Some(id), Some(status)) => format!("{id}: {status}"),
+                    (None, Some(status)) => status.to_string(),
+                    _ => continue,
+                };
+                progress(&line);
             }
             Ok::<(), EngineError>(())
         })
@@ -134,20 +149,61 @@ impl Docker {
             call: "pull",
             after,
         })?;
-        pulled?;
-        let (repo, t) = tag.rsplit_once(':').unwrap_or((tag, "latest"));
+        pulled
+    }
+
+    async fn tag(&self, source: &str, target: &str) -> Result<(), EngineError> {
+        let (repo, t) = target.rsplit_once(':').unwrap_or((target, "latest"));
         let opts = bollard::query_parameters::TagImageOptionsBuilder::default()
             .repo(repo)
             .tag(t)
             .build();
-        let tagged = self.inner.tag_image(reference, Some(opts));
+        let tagged = self.inner.tag_image(source, Some(opts));
         timed("tag_image", self.timeouts.call, tagged).await
+    }
+
+    async fn images(&self) -> Result<Vec<ImageInfo>, EngineError> {
+        let opts = ListImagesOptionsBuilder::default().all(false).build();
+        let list = self.inner.list_images(Some(opts));
+        let list = timed("list_images", self.timeouts.call, list).await?;
+        Ok(list
+            .into_iter()
+            .map(|i| ImageInfo {
+                id: i.id,
+                tags: i
+                    .repo_tags
+                    .into_iter()
+                    .filter(|t| t != "<none>:<none>")
+                    .collect(),
+                labels: i.labels.into_iter().collect(),
+                size: u64::try_from(i.size).unwrap_or(0),
+            })
+            .collect())
+    }
+
+    async fn images_in_use(&self) -> Result<Vec<String>, EngineError> {
+        let opts = ListContainersOptionsBuilder::default().all(true).build();
+        let list = self.inner.list_containers(Some(opts));
+        let list = timed("list_containers", self.timeouts.call, list).await?;
+        Ok(list.into_iter().filter_map(|c| c.image_id).collect())
+    }
+
+    async fn remove_image(&self, tag: &str) -> Result<(), EngineError> {
+        let opts = RemoveImageOptionsBuilder::default()
+            .force(false)
+            .noprune(false)
+            .build();
+        let remove = self.inner.remove_image(tag, Some(opts), None);
+        timed("remove_image", self.timeouts.container, remove)
+            .await
+            .map(|_| ())
     }
 
     async fn build(
         &self,
         tag: &str,
         context_tar: Vec<u8>,
+        labels: &BTreeMap<String, String>,
         progress: &mut (dyn FnMut(&str) + Send),
     ) -> Result<(), EngineError> {
         let bases = dockerfile_of(&context_tar)
@@ -158,6 +214,7 @@ impl Docker {
             .t(tag)
             .rm(true)
             .forcerm(true)
+            .labels(&labels.iter().collect::<HashMap<_, _>>())
             .build();
         let mut stream = self.inner.build_image(
             opts,
@@ -373,18 +430,39 @@ impl Engine for Docker {
     fn pull<'a>(
         &'a self,
         reference: &'a str,
-        tag: &'a str,
+        progress: &'a mut (dyn FnMut(&str) + Send),
     ) -> BoxFuture<'a, Result<(), EngineError>> {
-        Docker::pull(self, reference, tag).boxed()
+        Docker::pull(self, reference, progress).boxed()
+    }
+
+    fn tag<'a>(
+        &'a self,
+        source: &'a str,
+        target: &'a str,
+    ) -> BoxFuture<'a, Result<(), EngineError>> {
+        Docker::tag(self, source, target).boxed()
     }
 
     fn build<'a>(
         &'a self,
         tag: &'a str,
         context_tar: Vec<u8>,
+        labels: &'a BTreeMap<String, String>,
         progress: &'a mut (dyn FnMut(&str) + Send),
     ) -> BoxFuture<'a, Result<(), EngineError>> {
-        Docker::build(self, tag, context_tar, progress).boxed()
+        Docker::build(self, tag, context_tar, labels, progress).boxed()
+    }
+
+    fn images(&self) -> BoxFuture<'_, Result<Vec<ImageInfo>, EngineError>> {
+        Docker::images(self).boxed()
+    }
+
+    fn images_in_use(&self) -> BoxFuture<'_, Result<Vec<String>, EngineError>> {
+        Docker::images_in_use(self).boxed()
+    }
+
+    fn remove_image<'a>(&'a self, tag: &'a str) -> BoxFuture<'a, Result<(), EngineError>> {
+        Docker::remove_image(self, tag).boxed()
     }
 
     fn create_sandbox<'a>(

@@ -9,6 +9,7 @@
 //! parameter on each), and `async fn` in a trait cannot be called through `dyn`. One allocation
 //! per call is nothing beside an engine round trip, and no macro crate is needed for it.
 
+use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -27,6 +28,15 @@ pub const LABEL_LANGUAGE: &str = "codefleet.language";
 /// Label saying what a container is for: `pool`, `session` or `probe`.
 pub const LABEL_KIND: &str = "codefleet.kind";
 
+/// Labels the agent puts on every runtime image it builds (the only images it ever removes):
+/// the image's name (a recipe folder, or a pulled runtime's `image`), the hash its tag carries,
+/// and the image cache it belongs to (`--image-cache`).
+pub const LABEL_IMAGE: &str = "codefleet.image";
+pub const LABEL_RECIPE: &str = "codefleet.recipe";
+pub const LABEL_CACHE: &str = "codefleet.cache";
+/// On an image made from a pulled one: the reference it was pulled as.
+pub const LABEL_PULLED: &str = "codefleet.pulled";
+
 /// Where the supervisor is mounted inside every sandbox.
 pub const SUPERVISOR_IN_SANDBOX: &str = "/opt/codefleet/supervisor";
 
@@ -39,21 +49,42 @@ pub trait Engine: Send + Sync {
     /// Whether an image with this tag is present.
     fn image_exists<'a>(&'a self, tag: &'a str) -> BoxFuture<'a, Result<bool, EngineError>>;
 
-    /// Pulls `reference` and tags it as `tag`.
+    /// Pulls `reference` (`host:port/name:tag`) from its registry; `progress` gets a line per
+    /// layer event (`<layer>: Downloading`, `Pull complete`, the digest).
     fn pull<'a>(
         &'a self,
         reference: &'a str,
-        tag: &'a str,
+        progress: &'a mut (dyn FnMut(&str) + Send),
     ) -> BoxFuture<'a, Result<(), EngineError>>;
 
-    /// Builds `tag` from a tar build context; `progress` gets each line of build output. A
-    /// build that fails because a base image (`FROM`) is absent says so with `ImageMissing`.
+    /// Gives the image `source` the further tag `target` (`name:tag`).
+    fn tag<'a>(
+        &'a self,
+        source: &'a str,
+        target: &'a str,
+    ) -> BoxFuture<'a, Result<(), EngineError>>;
+
+    /// Builds `tag` from a tar build context, with these labels on the image; `progress` gets
+    /// each line of build output. A build that fails because a base image (`FROM`) is absent
+    /// says so with `ImageMissing`.
     fn build<'a>(
         &'a self,
         tag: &'a str,
         context_tar: Vec<u8>,
+        labels: &'a BTreeMap<String, String>,
         progress: &'a mut (dyn FnMut(&str) + Send),
     ) -> BoxFuture<'a, Result<(), EngineError>>;
+
+    /// Every image the engine holds (tagged ones; dangling layers are not the agent's).
+    fn images(&self) -> BoxFuture<'_, Result<Vec<ImageInfo>, EngineError>>;
+
+    /// The image ids of every container, of any owner and in any state: the images that must
+    /// not be removed.
+    fn images_in_use(&self) -> BoxFuture<'_, Result<Vec<String>, EngineError>>;
+
+    /// Removes one tag of an image, and the image with its last tag; never forced, so an image
+    /// a container uses is refused (`Conflict`). An absent tag is `NotFound`.
+    fn remove_image<'a>(&'a self, tag: &'a str) -> BoxFuture<'a, Result<(), EngineError>>;
 
     /// Creates a sandbox container (not started) with the hardened baseline; returns its id.
     fn create_sandbox<'a>(
@@ -166,6 +197,18 @@ pub struct SandboxSpec {
     /// The longest answer line the agent accepts from this sandbox's supervisor (not the
     /// engine's business; carried here with the rest of what is decided per sandbox).
     pub max_answer_bytes: usize,
+}
+
+/// One image as the engine lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageInfo {
+    /// The engine's id (`sha256:…`).
+    pub id: String,
+    /// Its tags (`name:tag`), possibly none.
+    pub tags: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+    /// Bytes on disk, layers shared with other images included.
+    pub size: u64,
 }
 
 /// The bytes a supervisor writes, as the engine or a socket delivers them.

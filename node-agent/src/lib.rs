@@ -2,7 +2,8 @@
 //! and sessions, runs jobs with limits, and reports its capacity to gateways.
 //!
 //! Layout (ARCHITECTURE.md has the map and the one way dependencies go): `config` (flags),
-//! `catalog` (languages), `images` (recipes and tags), `engine` (the seam to the container engine: trait, errors,
+//! `catalog` (languages), `images` (recipes, pulls and tags), `housekeeping` (image disk use,
+//! stale images removed), `engine` (the seam to the container engine: trait, errors,
 //! spec), `docker` (its bollard implementation, the only module that talks to Docker), `sandbox` (one container and its supervisor channel), `pool` (warm sandboxes and
 //! their sizing policy), `registry` (image states, language resolution), `lifecycle`, `slots`,
 //! `sandboxes` (pools, starts, resets, refills), `sessions`, `submissions` (the async
@@ -22,6 +23,7 @@ pub mod connect;
 pub mod docker;
 pub mod engine;
 pub mod error;
+pub mod housekeeping;
 pub mod http;
 pub mod images;
 pub mod job;
@@ -109,6 +111,7 @@ pub async fn run(
         tokio::spawn(agent.sessions().clone().expire_loop()),
         tokio::spawn(report::report_loop(agent.clone())),
         tokio::spawn(submissions::run_loop(agent.clone())),
+        tokio::spawn(housekeeping_loop(agent.clone())),
     ];
 
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
@@ -171,7 +174,30 @@ async fn startup(agent: Arc<Agent>) {
         let _ = std::fs::remove_dir_all(dir);
     }
     agent.lifecycle().set_started();
-    agent.prepare_all().await;
+    agent.prepare_all(|_| {}).await;
+    // Measured at once, now that every runtime's image is known.
+    if agent.config().image_housekeeping_s > 0 {
+        if let Err(e) = agent.housekeep_images().await {
+            tracing::warn!(error = %e, "image housekeeping failed");
+        }
+    }
+}
+
+/// Image housekeeping every `--image-housekeeping-s` (never when 0), the first pass as soon as
+/// the engine answers.
+async fn housekeeping_loop(agent: Arc<Agent>) {
+    let every = agent.config().image_housekeeping_s;
+    if every == 0 {
+        return;
+    }
+    loop {
+        if agent.lifecycle().up() {
+            if let Err(e) = agent.housekeep_images().await {
+                tracing::warn!(error = %e, "image housekeeping failed");
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(every)).await;
+    }
 }
 
 async fn health_loop(agent: Arc<Agent>) {
@@ -230,21 +256,25 @@ pub async fn prepare_images(mut config: Config) -> anyhow::Result<bool> {
         .context("Docker is unreachable")?;
     agent.lifecycle().set_docker_ok(true);
     agent.lifecycle().set_started();
-    agent.prepare_all().await;
-    let mut all = true;
-    for lang in agent.languages() {
-        let state = lang
-            .image
-            .map(|s| format!("{s:?}").to_lowercase())
-            .unwrap_or_default();
-        println!(
-            "{:<12} {:<10} {}",
-            lang.name,
-            state,
-            lang.error.as_deref().unwrap_or(&lang.version)
-        );
-        all &= lang.error.is_none();
-    }
+    let all = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let failed = all.clone();
+    agent
+        .prepare_all(move |p| {
+            let (state, detail) = match &p.outcome {
+                Ok((version, obtained)) => ("ready", format!("{version} ({})", obtained.as_str())),
+                Err(why) => {
+                    failed.store(false, std::sync::atomic::Ordering::Relaxed);
+                    ("failed", why.clone())
+                }
+            };
+            println!(
+                "{:<28} {:<7} {:>7.1} s  {detail}",
+                p.runtime,
+                state,
+                p.took.as_secs_f64()
+            );
+        })
+        .await;
     cleanup(&agent).await;
-    Ok(all)
+    Ok(all.load(std::sync::atomic::Ordering::Relaxed))
 }

@@ -57,6 +57,10 @@ pub struct CapacityReport {
     /// then reads `languages`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub runtimes: Vec<RuntimeCapacity>,
+    /// Bytes of disk the node's runtime images take (layers shared between images counted in
+    /// each); absent until the agent measured it, and in older agents' reports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_bytes: Option<u64>,
 }
 
 /// What one runtime looks like on one node.
@@ -157,6 +161,7 @@ mod tests {
                     capacity: python(v),
                 })
                 .collect(),
+            image_bytes: None,
         };
         let json = serde_json::to_value(&report).unwrap();
         assert_eq!(json["languages"]["python"]["version"], "3.13.5");

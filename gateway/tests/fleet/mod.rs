@@ -36,6 +36,7 @@ pub fn capacity(id: &str, address: &str, slots: u32, busy: u32) -> CapacityRepor
         languages: [("python".to_string(), python), ("go".to_string(), go)].into(),
         sessions: 0,
         runtimes: vec![],
+        image_bytes: None,
     }
 }
 

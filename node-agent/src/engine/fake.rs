@@ -24,9 +24,12 @@
 //! A job without files (the agent's version probe) prints `<argv[0]> <version>`. Tests also
 //! script the engine: make it unreachable, fail creates, delay supervisors' hello, have the next
 //! sandboxes that get a job die before accepting it, kill a container behind the
-//! agent's back; and they observe every create, remove, build and delivered job.
+//! agent's back; give it images (labelled, of a size) and references a pull finds; and they
+//! observe every create, remove, build, pull, image removal and delivered job. Images are kept
+//! by tag, a tag naming one image id; an image's last tag cannot be removed while a container
+//! made from it exists, as with Docker.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -46,7 +49,7 @@ use codefleet_shared::sandbox::{
 use codefleet_shared::stream::OutputStream;
 use codefleet_shared::{StageResult, Status};
 
-use super::{Attached, Engine, EngineError, SandboxSpec};
+use super::{Attached, Engine, EngineError, ImageInfo, SandboxSpec};
 
 /// The engine. Cheap to share: tests keep an `Arc<FakeEngine>` and hand the agent a clone as
 /// `Arc<dyn Engine>`.
@@ -64,8 +67,14 @@ struct Inner {
 struct State {
     next_id: u64,
     unreachable: bool,
-    images: HashSet<String>,
+    /// Tag to image.
+    images: HashMap<String, FakeImage>,
+    /// References a pull finds.
+    registry: HashMap<String, FakeImage>,
+    next_image: u64,
     builds: Vec<String>,
+    pulls: Vec<String>,
+    images_removed: Vec<String>,
     containers: HashMap<String, Container>,
     created: Vec<Created>,
     removed: Vec<String>,
@@ -88,6 +97,13 @@ struct Container {
     supervisor: Option<tokio::task::AbortHandle>,
     running: bool,
     oom_killed: bool,
+}
+
+#[derive(Debug, Clone)]
+struct FakeImage {
+    id: String,
+    labels: BTreeMap<String, String>,
+    size: u64,
 }
 
 /// A container as it was created.
@@ -130,9 +146,44 @@ impl FakeEngine {
         self.state().unreachable = !reachable;
     }
 
-    /// An image that is present without a build.
+    /// An image that is present without a build (no labels, 100 bytes).
     pub fn add_image(&self, tag: &str) {
-        self.state().images.insert(tag.to_string());
+        self.add_labelled_image(tag, BTreeMap::new(), 100);
+    }
+
+    /// An image that is present without a build, with labels and a size; returns its id.
+    pub fn add_labelled_image(
+        &self,
+        tag: &str,
+        labels: BTreeMap<String, String>,
+        size: u64,
+    ) -> String {
+        let mut state = self.state();
+        let image = state.new_image(labels, size);
+        state.images.insert(tag.to_string(), image.clone());
+        image.id
+    }
+
+    /// An image a pull of `reference` finds (in no registry but this engine's own).
+    pub fn add_to_registry(&self, reference: &str, size: u64) {
+        let mut state = self.state();
+        let image = state.new_image(BTreeMap::new(), size);
+        state.registry.insert(reference.to_string(), image);
+    }
+
+    /// The references pulled so far.
+    pub fn pulls(&self) -> Vec<String> {
+        self.state().pulls.clone()
+    }
+
+    /// The image tags removed so far, in order.
+    pub fn images_removed(&self) -> Vec<String> {
+        self.state().images_removed.clone()
+    }
+
+    /// The labels of the image tagged `tag`, when there is one.
+    pub fn image_labels(&self, tag: &str) -> Option<BTreeMap<String, String>> {
+        self.state().images.get(tag).map(|i| i.labels.clone())
     }
 
     /// The version the probe job reports (default `1.0.0`).
@@ -255,6 +306,29 @@ impl FakeEngine {
     }
 }
 
+impl State {
+    fn new_image(&mut self, labels: BTreeMap<String, String>, size: u64) -> FakeImage {
+        self.next_image += 1;
+        FakeImage {
+            id: format!("sha256:fake{:06}", self.next_image),
+            labels,
+            size,
+        }
+    }
+
+    /// The ids of the images a container was created from.
+    fn used_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .containers
+            .values()
+            .filter_map(|c| self.images.get(&c.spec.image).map(|i| i.id.clone()))
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+}
+
 impl Inner {
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().expect("fake engine lock")
@@ -279,7 +353,7 @@ impl Engine for FakeEngine {
     fn image_exists<'a>(&'a self, tag: &'a str) -> BoxFuture<'a, Result<bool, EngineError>> {
         async move {
             self.reachable("inspect_image")?;
-            Ok(self.state().images.contains(tag))
+            Ok(self.state().images.contains_key(tag))
         }
         .boxed()
     }
@@ -287,14 +361,44 @@ impl Engine for FakeEngine {
     fn pull<'a>(
         &'a self,
         reference: &'a str,
-        _tag: &'a str,
+        progress: &'a mut (dyn FnMut(&str) + Send),
     ) -> BoxFuture<'a, Result<(), EngineError>> {
         async move {
             self.reachable("pull")?;
-            Err(EngineError::ImageMissing {
-                image: reference.to_string(),
-                message: "the fake engine has no registry".to_string(),
-            })
+            let mut state = self.state();
+            state.pulls.push(reference.to_string());
+            let Some(image) = state.registry.get(reference).cloned() else {
+                return Err(EngineError::ImageMissing {
+                    image: reference.to_string(),
+                    message: "not in the fake engine's registry".to_string(),
+                });
+            };
+            progress("fake0001: Pull complete");
+            progress(&format!("Digest: {}", image.id));
+            state.images.insert(reference.to_string(), image);
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn tag<'a>(
+        &'a self,
+        source: &'a str,
+        target: &'a str,
+    ) -> BoxFuture<'a, Result<(), EngineError>> {
+        async move {
+            self.reachable("tag_image")?;
+            let mut state = self.state();
+            let image = state
+                .images
+                .get(source)
+                .cloned()
+                .ok_or_else(|| EngineError::NotFound {
+                    call: "tag_image",
+                    message: format!("no such image: {source}"),
+                })?;
+            state.images.insert(target.to_string(), image);
+            Ok(())
         }
         .boxed()
     }
@@ -303,6 +407,7 @@ impl Engine for FakeEngine {
         &'a self,
         tag: &'a str,
         _context_tar: Vec<u8>,
+        labels: &'a BTreeMap<String, String>,
         progress: &'a mut (dyn FnMut(&str) + Send),
     ) -> BoxFuture<'a, Result<(), EngineError>> {
         async move {
@@ -310,7 +415,70 @@ impl Engine for FakeEngine {
             progress("Step 1/1 : FROM scratch");
             let mut state = self.state();
             state.builds.push(tag.to_string());
-            state.images.insert(tag.to_string());
+            let image = state.new_image(labels.clone(), 1_000);
+            state.images.insert(tag.to_string(), image);
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn images(&self) -> BoxFuture<'_, Result<Vec<ImageInfo>, EngineError>> {
+        async move {
+            self.reachable("list_images")?;
+            let state = self.state();
+            let mut by_id: BTreeMap<String, ImageInfo> = BTreeMap::new();
+            for (tag, image) in &state.images {
+                by_id
+                    .entry(image.id.clone())
+                    .or_insert_with(|| ImageInfo {
+                        id: image.id.clone(),
+                        tags: vec![],
+                        labels: image.labels.clone(),
+                        size: image.size,
+                    })
+                    .tags
+                    .push(tag.clone());
+            }
+            Ok(by_id
+                .into_values()
+                .map(|mut i| {
+                    i.tags.sort();
+                    i
+                })
+                .collect())
+        }
+        .boxed()
+    }
+
+    fn images_in_use(&self) -> BoxFuture<'_, Result<Vec<String>, EngineError>> {
+        async move {
+            self.reachable("list_containers")?;
+            Ok(self.state().used_ids())
+        }
+        .boxed()
+    }
+
+    fn remove_image<'a>(&'a self, tag: &'a str) -> BoxFuture<'a, Result<(), EngineError>> {
+        async move {
+            self.reachable("remove_image")?;
+            let mut state = self.state();
+            let image = state
+                .images
+                .get(tag)
+                .cloned()
+                .ok_or_else(|| EngineError::NotFound {
+                    call: "remove_image",
+                    message: format!("no such image: {tag}"),
+                })?;
+            let last_tag = state.images.values().filter(|i| i.id == image.id).count() == 1;
+            if last_tag && state.used_ids().contains(&image.id) {
+                return Err(EngineError::Conflict {
+                    call: "remove_image",
+                    message: format!("image {tag} is used by a container"),
+                });
+            }
+            state.images.remove(tag);
+            state.images_removed.push(tag.to_string());
             Ok(())
         }
         .boxed()
@@ -331,7 +499,7 @@ impl Engine for FakeEngine {
                     message: "the fake engine was told to refuse this create".to_string(),
                 });
             }
-            if !state.images.contains(&spec.image) {
+            if !state.images.contains_key(&spec.image) {
                 return Err(EngineError::ImageMissing {
                     image: spec.image.clone(),
                     message: "no such image".to_string(),
