@@ -358,10 +358,7 @@ async fn from_agent(
     };
     let (text, last) = match relay.pass(text.as_str()) {
         Ok((Passed::AsIs, last)) => (text.as_str().to_string(), last),
-        Ok((Passed::Rewritten(event), last)) => (
-            serde_json::to_string(&event).expect("events serialize"),
-            last,
-        ),
+        Ok((Passed::Rewritten(event), last)) => (event, last),
         Err(detail) => {
             let JobEvent::Error { error } = bad_answer(&relay.node, detail) else {
                 unreachable!("bad_answer is an error event");

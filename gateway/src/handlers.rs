@@ -177,14 +177,14 @@ pub(crate) fn execute_answer(
 }
 
 /// How an execute request wants its answer, and what a streamed one holds on to.
-struct Answering {
-    stream: bool,
-    disconnect: Option<Disconnect>,
-    held: Option<Held>,
+pub(crate) struct Answering {
+    pub stream: bool,
+    pub disconnect: Option<Disconnect>,
+    pub held: Option<Held>,
 }
 
 impl Answering {
-    fn of(
+    pub(crate) fn of(
         headers: &HeaderMap,
         disconnect: Option<Extension<Disconnect>>,
         held: Option<Extension<Held>>,
@@ -197,7 +197,7 @@ impl Answering {
         }
     }
 
-    fn delivery(&self) -> Delivery {
+    pub(crate) fn delivery(&self) -> Delivery {
         match self.stream {
             true => Delivery::Stream,
             false => Delivery::Buffered,
@@ -205,7 +205,7 @@ impl Answering {
     }
 }
 
-fn stream_limits(gw: &Gateway) -> StreamLimits {
+pub(crate) fn stream_limits(gw: &Gateway) -> StreamLimits {
     StreamLimits {
         stall: gw.config().stream_stall(),
         max_line: gw.config().max_event_bytes(),
@@ -238,6 +238,7 @@ async fn run_execute(
     if answering.stream {
         return stream::respond(
             placed,
+            stream::Events::Job,
             stream_limits(gw),
             answering.disconnect,
             answering.held,
@@ -359,7 +360,8 @@ async fn session_execute(
     if answering.stream {
         let placed = stream_bound(&gw, &node, &path, raw, timeout).await?;
         let limits = stream_limits(&gw);
-        return stream::respond(placed, limits, answering.disconnect, answering.held);
+        let events = stream::Events::Job;
+        return stream::respond(placed, events, limits, answering.disconnect, answering.held);
     }
     let reply = call_bound(&gw, &node, Method::POST, &path, Some(raw), timeout).await?;
     let answer = execute_answer(reply, &node.id, 1, Duration::ZERO)?;

@@ -4,32 +4,43 @@
 //! (only a node that cannot have started it is passed over; a compiled program by its
 //! affinity, to the node that has it compiled), with a timeout that covers one
 //! compile and every test's run (and the checker's). The agent's answer passes through with the
-//! node, the attempts and the gateway's wait added.
+//! node, the attempts and the gateway's wait added; with `Accept: application/x-ndjson` its
+//! events do, line by line (`stream`).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use axum::Json;
+use codefleet_http_edge::Disconnect;
 use codefleet_shared::judge::{
     check_judge, judge_budget, test_limits, Checker, JudgeRequest, JudgeResponse,
 };
 use codefleet_shared::LanguageInfo;
 
-use crate::dispatch::{place, Delivery, Job};
-use crate::edge::JsonBody;
+use crate::dispatch::{place, Delivery, Job, Placed};
+use crate::edge::{Held, JsonBody};
 use crate::error::GatewayError;
-use crate::handlers::{check_job, labelled, resolve_language};
+use crate::handlers::{check_job, labelled, resolve_language, stream_limits, Answering};
 use crate::membership::Snapshot;
 use crate::routing::program_affinity;
+use crate::stream;
 use crate::Gateway;
 
-pub async fn judge(State(gw): State<Arc<Gateway>>, body: JsonBody<JudgeRequest>) -> Response {
+pub async fn judge(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    disconnect: Option<Extension<Disconnect>>,
+    held: Option<Extension<Held>>,
+    body: JsonBody<JudgeRequest>,
+) -> Response {
     let mut language = None;
-    let result = run_judge(&gw, body, &mut language).await;
+    let answering = Answering::of(&headers, disconnect, held);
+    let result = run_judge(&gw, body, answering, &mut language).await;
     labelled(language, result)
 }
 
@@ -83,8 +94,20 @@ async fn run_judge(
         value: request,
         raw,
     }: JsonBody<JudgeRequest>,
+    answering: Answering,
     label: &mut Option<String>,
 ) -> Result<Response, GatewayError> {
+    if answering.stream {
+        // The agent's events as they come: `accepted`, `compile`, one `test` each, `result`.
+        let placed = place_judge(gw, &request, raw, Delivery::Stream, label).await?;
+        return stream::respond(
+            placed,
+            stream::Events::Judge,
+            stream_limits(gw),
+            answering.disconnect,
+            answering.held,
+        );
+    }
     let answer = judge_answer(gw, &request, raw, label).await?;
     Ok(Json(answer).into_response())
 }
@@ -97,6 +120,29 @@ pub(crate) async fn judge_answer(
     raw: Bytes,
     label: &mut Option<String>,
 ) -> Result<JudgeResponse, GatewayError> {
+    let placed = place_judge(gw, request, raw, Delivery::Buffered, label).await?;
+    let body = placed.reply.expect(StatusCode::OK, &placed.node)?;
+    let mut answer: JudgeResponse =
+        serde_json::from_slice(&body).map_err(|e| GatewayError::BadAnswer {
+            node: placed.node.to_string(),
+            detail: format!("not a judge response: {e}"),
+        })?;
+    let waited = placed.waited.as_millis() as u64;
+    answer.node = placed.node.to_string();
+    answer.attempts = Some(placed.attempts);
+    answer.timing.queued_ms += waited;
+    answer.timing.total_ms += waited;
+    Ok(answer)
+}
+
+/// Checks a judge request and places it on a node, for its answer in `delivery`.
+async fn place_judge(
+    gw: &Gateway,
+    request: &JudgeRequest,
+    raw: Bytes,
+    delivery: Delivery,
+    label: &mut Option<String>,
+) -> Result<Placed, GatewayError> {
     let snapshot = gw.snapshot();
     let Checked {
         language: info,
@@ -113,21 +159,8 @@ pub(crate) async fn judge_answer(
         path: "/v1/judge",
         body: raw,
         timeout: budget + gw.config().dispatch_margin(),
-        // Judges stream from an agent only: through a gateway the answer is the buffered one.
-        delivery: Delivery::Buffered,
+        delivery,
         affinity: info.compiled.then(|| program_affinity(&info.name, program)),
     };
-    let placed = place(gw, job).await?;
-    let body = placed.reply.expect(StatusCode::OK, &placed.node)?;
-    let mut answer: JudgeResponse =
-        serde_json::from_slice(&body).map_err(|e| GatewayError::BadAnswer {
-            node: placed.node.to_string(),
-            detail: format!("not a judge response: {e}"),
-        })?;
-    let waited = placed.waited.as_millis() as u64;
-    answer.node = placed.node.to_string();
-    answer.attempts = Some(placed.attempts);
-    answer.timing.queued_ms += waited;
-    answer.timing.total_ms += waited;
-    Ok(answer)
+    place(gw, job).await
 }

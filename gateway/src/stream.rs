@@ -18,6 +18,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::BytesMut;
 use codefleet_http_edge::Disconnect;
+use codefleet_shared::judge::JudgeEvent;
 use codefleet_shared::stream::{JobEvent, NDJSON};
 use tokio::sync::mpsc;
 use tokio_util::codec::{Decoder as _, LinesCodec, LinesCodecError};
@@ -41,6 +42,16 @@ pub struct Relay {
     pub node: NodeId,
     pub attempts: u32,
     pub waited_ms: u64,
+    pub events: Events,
+}
+
+/// Which events a stream carries: a job's (`codefleet_shared::stream::JobEvent`) or a judge's
+/// (`codefleet_shared::judge::JudgeEvent`). Both end with `result` or `error`; their `result`s
+/// differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Events {
+    Job,
+    Judge,
 }
 
 impl Relay {
@@ -49,6 +60,7 @@ impl Relay {
             node: placed.node.clone(),
             attempts: placed.attempts,
             waited_ms: placed.waited.as_millis() as u64,
+            events: Events::Job,
         }
     }
 
@@ -62,11 +74,17 @@ impl Relay {
         let kind = kind.ok_or_else(|| "an event without a `type`".to_string())?;
         let kind = kind.to_string();
         let kind = kind.as_str();
-        let rewritten = match kind {
-            "result" | "error" | "accepted" => {
-                let mut event: JobEvent = serde_json::from_value(value)
-                    .map_err(|e| format!("a malformed `{kind}` event: {e}"))?;
-                self.rewrite(&mut event).then_some(event)
+        let malformed = |e: serde_json::Error| format!("a malformed `{kind}` event: {e}");
+        let rewritten = match (kind, self.events) {
+            ("result" | "error" | "accepted", Events::Job) => {
+                let mut event: JobEvent = serde_json::from_value(value).map_err(malformed)?;
+                self.rewrite(&mut event)
+                    .then(|| serde_json::to_string(&event).expect("events serialize"))
+            }
+            ("result" | "error" | "accepted", Events::Judge) => {
+                let mut event: JudgeEvent = serde_json::from_value(value).map_err(malformed)?;
+                self.rewrite_judge(&mut event)
+                    .then(|| serde_json::to_string(&event).expect("events serialize"))
             }
             _ => None,
         };
@@ -94,13 +112,32 @@ impl Relay {
             _ => false,
         }
     }
+
+    /// [`Relay::rewrite`] for a judge's events.
+    fn rewrite_judge(&self, event: &mut JudgeEvent) -> bool {
+        match event {
+            JudgeEvent::Accepted { queued_ms, .. } if self.waited_ms > 0 => {
+                *queued_ms += self.waited_ms;
+                true
+            }
+            JudgeEvent::Result { result } => {
+                result.node = self.node.to_string();
+                result.attempts = Some(self.attempts);
+                result.timing.queued_ms += self.waited_ms;
+                result.timing.total_ms += self.waited_ms;
+                true
+            }
+            _ => false,
+        }
+    }
 }
 
-/// An event after [`Relay::pass`].
+/// An event after [`Relay::pass`]: as it came, or the rewritten event's JSON (one line, no
+/// newline).
 #[derive(Debug)]
 pub enum Passed {
     AsIs,
-    Rewritten(JobEvent),
+    Rewritten(String),
 }
 
 /// The `error` event that ends a stream whose node went away.
@@ -135,11 +172,15 @@ pub struct StreamLimits {
 /// refusal as it was (problem+json), or a 200 streaming its events.
 pub fn respond(
     placed: Placed,
+    events: Events,
     limits: StreamLimits,
     disconnect: Option<Disconnect>,
     held: Option<Held>,
 ) -> Result<Response, GatewayError> {
-    let relay = Relay::of(&placed);
+    let relay = Relay {
+        events,
+        ..Relay::of(&placed)
+    };
     let Placed {
         reply,
         node,
@@ -315,7 +356,11 @@ impl Pump {
                         bytes.push(b'\n');
                         (bytes, last)
                     }
-                    Ok((Passed::Rewritten(event), last)) => (event.to_line(), last),
+                    Ok((Passed::Rewritten(event), last)) => {
+                        let mut bytes = event.into_bytes();
+                        bytes.push(b'\n');
+                        (bytes, last)
+                    }
                     Err(detail) => {
                         let bad = bad_answer(&self.relay.node, detail);
                         return self.finish(bad.to_line(), StreamOutcome::BadAnswer).await;

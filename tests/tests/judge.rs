@@ -451,6 +451,27 @@ async fn bad_judge_requests_are_refused_before_anything_runs() {
     agent.stop().await;
 }
 
+/// A judge asking for its events (`Accept: application/x-ndjson`): the lines, parsed.
+async fn judge_events(api: &Api, body: &Value) -> Vec<Value> {
+    let resp = api
+        .http
+        .post(format!("{}/v1/judge", api.url))
+        .header("accept", "application/x-ndjson")
+        .json(body)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        resp.headers()["content-type"].to_str().unwrap(),
+        "application/x-ndjson"
+    );
+    let text = resp.text().await.expect("body");
+    text.lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect()
+}
+
 /// `Accept: application/x-ndjson`: accepted, compile, one test event per test, then result.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_judge_streams_one_event_per_test() {
@@ -462,29 +483,12 @@ async fn a_judge_streams_one_event_per_test() {
         "source": "#include <cstdio>\nint main(){int x; scanf(\"%d\",&x); printf(\"%d\\n\", x*2);}",
         "tests": [test("1", "2"), test("2", "5"), test("3", "6")],
     });
-    let resp = api
-        .http
-        .post(format!("{}/v1/judge", api.url))
-        .header("accept", "application/x-ndjson")
-        .json(&body)
-        .send()
-        .await
-        .expect("sent");
-    assert_eq!(resp.status(), StatusCode::OK);
-    assert_eq!(
-        resp.headers()["content-type"].to_str().unwrap(),
-        "application/x-ndjson"
-    );
-    let text = resp.text().await.expect("body");
-    let events: Vec<Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("a JSON line"))
-        .collect();
+    let events = judge_events(api, &body).await;
     let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
     assert_eq!(
         kinds,
         ["accepted", "compile", "test", "test", "test", "result"],
-        "{text}"
+        "{events:?}"
     );
     assert_eq!(events[1]["result"]["status"], "ok");
     let tests: Vec<(u64, &str)> = events[2..5]
@@ -528,6 +532,24 @@ async fn a_gateway_routes_a_judge_and_passes_its_answer_through() {
     assert_eq!(verdicts(&r), ["accepted", "wrong_answer"], "{r}");
     assert_eq!(r["node"], cluster.node_ids()[0], "{r}");
     assert_eq!(r["attempts"], 1, "{r}");
+
+    // Streamed through the gateway: the agent's events, one per test, the result completed
+    // with the gateway's part.
+    let events = judge_events(
+        api,
+        &json!({
+            "language": "python",
+            "source": "print(int(input()) + 1)",
+            "tests": [test("1", "2"), test("5", "7")],
+        }),
+    )
+    .await;
+    let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["accepted", "test", "test", "result"], "{events:?}");
+    let result = &events[3]["result"];
+    assert_eq!(verdicts(result), ["accepted", "wrong_answer"], "{result}");
+    assert_eq!(result["node"], cluster.node_ids()[0], "{result}");
+    assert_eq!(result["attempts"], 1, "{result}");
     let a = api
         .post(
             "/v1/judge",
