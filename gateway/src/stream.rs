@@ -20,6 +20,7 @@ use bytes::BytesMut;
 use codefleet_http_edge::Disconnect;
 use codefleet_shared::judge::JudgeEvent;
 use codefleet_shared::stream::{JobEvent, NDJSON};
+use codefleet_shared::Timing;
 use tokio::sync::mpsc;
 use tokio_util::codec::{Decoder as _, LinesCodec, LinesCodecError};
 use tracing::Instrument as _;
@@ -98,16 +99,9 @@ impl Relay {
     /// Adds the gateway's part to `event`; false when there is nothing to add.
     fn rewrite(&self, event: &mut JobEvent) -> bool {
         match event {
-            JobEvent::Accepted { queued_ms, .. } if self.waited_ms > 0 => {
-                *queued_ms += self.waited_ms;
-                true
-            }
+            JobEvent::Accepted { queued_ms, .. } => self.waited(queued_ms),
             JobEvent::Result { result } => {
-                result.node = self.node.to_string();
-                result.attempts = Some(self.attempts);
-                result.timing.queued_ms += self.waited_ms;
-                result.timing.total_ms += self.waited_ms;
-                true
+                self.complete(&mut result.node, &mut result.attempts, &mut result.timing)
             }
             _ => false,
         }
@@ -116,19 +110,27 @@ impl Relay {
     /// [`Relay::rewrite`] for a judge's events.
     fn rewrite_judge(&self, event: &mut JudgeEvent) -> bool {
         match event {
-            JudgeEvent::Accepted { queued_ms, .. } if self.waited_ms > 0 => {
-                *queued_ms += self.waited_ms;
-                true
-            }
+            JudgeEvent::Accepted { queued_ms, .. } => self.waited(queued_ms),
             JudgeEvent::Result { result } => {
-                result.node = self.node.to_string();
-                result.attempts = Some(self.attempts);
-                result.timing.queued_ms += self.waited_ms;
-                result.timing.total_ms += self.waited_ms;
-                true
+                self.complete(&mut result.node, &mut result.attempts, &mut result.timing)
             }
             _ => false,
         }
+    }
+
+    /// Adds the gateway's wait to an `accepted` event's `queued_ms`, if it waited.
+    fn waited(&self, queued_ms: &mut u64) -> bool {
+        *queued_ms += self.waited_ms;
+        self.waited_ms > 0
+    }
+
+    /// Sets a result's node and attempts and adds the gateway's wait to its timing.
+    fn complete(&self, node: &mut String, attempts: &mut Option<u32>, timing: &mut Timing) -> bool {
+        *node = self.node.to_string();
+        *attempts = Some(self.attempts);
+        timing.queued_ms += self.waited_ms;
+        timing.total_ms += self.waited_ms;
+        true
     }
 }
 
