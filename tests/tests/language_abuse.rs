@@ -64,7 +64,7 @@ fn hog(language: &str) -> &'static str {
         "bash" => "x=xxxxxxxxxxxxxxxx\nwhile :; do x=$x$x; done\n",
         "ruby" => "kept = []\nloop { kept << ('x' * (1 << 20)) }\n",
         "php" => "<?php\n$kept = [];\nfor (;;) { $kept[] = str_repeat('x', 1 << 20); }\n",
-        "lua" => "local kept = {}\nlocal i = 0\nwhile true do i = i + 1; kept[i] = string.rep('x', 1 << 20) .. i end\n",
+        "lua" => "local kept = {}\nlocal i = 0\nwhile true do i = i + 1; kept[i] = string.rep('x', 1 << 24) .. i end\n",
         "perl" => "my @kept;\nwhile (1) { push @kept, 'x' x (1 << 20); }\n",
         "sqlite" => "SELECT length(randomblob(400000000));\n",
         "csharp" => {
